@@ -1,0 +1,252 @@
+// CUDA fused SISS loss, forward and backward (SPEC §4, siss_fast/reference.py).
+//
+// Per element, with u_x = m - gamma*x0 and u_a = m - gamma*a0 (one fma each):
+//   pred - eps_x = pred - u_x / sigma,   pred - eps_a = pred - u_a / sigma
+//   delta term   = gamma*(a0 - x0) * (u_x + u_a)     [= gamma*(a0-x0)*(2m - gamma*(x0+a0))]
+// gamma*(a0 - x0) comes from the inputs, not from u_x - u_a, which cancels at large t. Delta is one sum of
+// per-element differences, never d_x - d_a from two large sums.
+//
+// Forward = two launches, no floating-point atomics, deterministic:
+//   1. siss_partials_kernel: block (chunk c, sample b) reduces kChunk elements to three fp32 (fp64) partials.
+//   2. siss_finish_kernel: block b sums its chunk partials in double, in a fixed order, and computes the weights
+//      (log space, double) and the losses.
+// Backward is one elementwise launch; the per-sample coefficients c = 2*g*w/D (0 where g == 0) are formed in
+// double by each thread from four (B,) vectors.
+#include <ATen/ops/empty.h>
+
+#include "../siss_fast.h"
+#include "cuda_common.cuh"
+
+namespace siss_fast {
+namespace cuda {
+namespace {
+
+constexpr int kFinishThreads = 128;
+
+template <int N, typename acc_t, typename pred_t, typename lat_t>
+__global__ void __launch_bounds__(kThreads)
+    siss_partials_kernel(const pred_t* __restrict__ pred, const lat_t* __restrict__ noisy,
+                         const lat_t* __restrict__ x0, const lat_t* __restrict__ a0, const acc_t* __restrict__ gamma,
+                         const acc_t* __restrict__ sigma, int64_t batch, int64_t numel,
+                         acc_t* __restrict__ partials) {
+  const int64_t chunk = blockIdx.x;
+  const int64_t chunks = gridDim.x;
+  const int64_t lo = chunk * kChunk;
+  const int64_t hi = lo + kChunk < numel ? lo + kChunk : numel;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const int64_t base = b * numel;
+    const acc_t g = gamma[b];
+    const acc_t inv_s = acc_t(1) / sigma[b];
+    acc_t delta = 0, sse_x = 0, sse_a = 0;
+    for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * N; i < hi; i += static_cast<int64_t>(kThreads) * N) {
+      const Pack<pred_t, N> pv = load_pack<N>(pred + base + i);
+      const Pack<lat_t, N> mv = load_pack<N>(noisy + base + i);
+      const Pack<lat_t, N> xv = load_pack<N>(x0 + base + i);
+      const Pack<lat_t, N> av = load_pack<N>(a0 + base + i);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const acc_t p = static_cast<acc_t>(pv.v[j]);
+        const acc_t m = static_cast<acc_t>(mv.v[j]);
+        const acc_t x = static_cast<acc_t>(xv.v[j]);
+        const acc_t a = static_cast<acc_t>(av.v[j]);
+        const acc_t u_x = fma(-g, x, m);
+        const acc_t u_a = fma(-g, a, m);
+        delta = fma(g * (a - x), u_x + u_a, delta);
+        const acc_t r_x = fma(-u_x, inv_s, p);
+        const acc_t r_a = fma(-u_a, inv_s, p);
+        sse_x = fma(r_x, r_x, sse_x);
+        sse_a = fma(r_a, r_a, sse_a);
+      }
+    }
+    block_sum3(delta, sse_x, sse_a);
+    if (threadIdx.x == 0) {
+      acc_t* out = partials + (b * chunks + chunk) * 3;
+      out[0] = delta;
+      out[1] = sse_x;
+      out[2] = sse_a;
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinishThreads)
+    siss_finish_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ sigma, int64_t chunks,
+                       double inv_numel, WeightParams params, acc_t* __restrict__ ell_x, acc_t* __restrict__ ell_a,
+                       acc_t* __restrict__ w_x, acc_t* __restrict__ w_a) {
+  const int64_t b = blockIdx.x;
+  double sums[3] = {0.0, 0.0, 0.0};
+  for (int64_t c = threadIdx.x; c < chunks; c += kFinishThreads) {
+    const acc_t* p = partials + (b * chunks + c) * 3;
+    sums[0] += static_cast<double>(p[0]);
+    sums[1] += static_cast<double>(p[1]);
+    sums[2] += static_cast<double>(p[2]);
+  }
+  // Fixed-order reduction over the kFinishThreads threads (a subset of block_sum3's kThreads layout).
+  __shared__ double shared[3][kFinishThreads];
+  for (int k = 0; k < 3; ++k) {
+    shared[k][threadIdx.x] = sums[k];
+  }
+  __syncthreads();
+  for (int width = kFinishThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) {
+      for (int k = 0; k < 3; ++k) {
+        shared[k][threadIdx.x] += shared[k][threadIdx.x + width];
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    double lx, la, wx, wa;
+    finish_sample(shared[0][0], shared[1][0], shared[2][0], static_cast<double>(sigma[b]), inv_numel, params, &lx,
+                  &la, &wx, &wa);
+    ell_x[b] = static_cast<acc_t>(lx);
+    ell_a[b] = static_cast<acc_t>(la);
+    w_x[b] = static_cast<acc_t>(wx);
+    w_a[b] = static_cast<acc_t>(wa);
+  }
+}
+
+template <int N, typename acc_t, typename pred_t, typename lat_t>
+__global__ void __launch_bounds__(kThreads)
+    siss_backward_kernel(const acc_t* __restrict__ grad_x, const acc_t* __restrict__ grad_a,
+                         const acc_t* __restrict__ weight_x, const acc_t* __restrict__ weight_a,
+                         const pred_t* __restrict__ pred, const lat_t* __restrict__ noisy,
+                         const lat_t* __restrict__ x0, const lat_t* __restrict__ a0, const acc_t* __restrict__ gamma,
+                         const acc_t* __restrict__ sigma, pred_t* __restrict__ out, int64_t batch, int64_t numel,
+                         double two_over_numel) {
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t hi = lo + kChunk < numel ? lo + kChunk : numel;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const int64_t base = b * numel;
+    const acc_t g = gamma[b];
+    const acc_t inv_s = acc_t(1) / sigma[b];
+    const acc_t c_x = static_cast<acc_t>(backward_coefficient(grad_x[b], weight_x[b], two_over_numel));
+    const acc_t c_a = static_cast<acc_t>(backward_coefficient(grad_a[b], weight_a[b], two_over_numel));
+    // A zero coefficient drops its term: an unused term never turns an infinite weight into NaN.
+    const bool use_x = c_x != acc_t(0), use_a = c_a != acc_t(0);
+    for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * N; i < hi; i += static_cast<int64_t>(kThreads) * N) {
+      const Pack<pred_t, N> pv = load_pack<N>(pred + base + i);
+      const Pack<lat_t, N> mv = load_pack<N>(noisy + base + i);
+      const Pack<lat_t, N> xv = load_pack<N>(x0 + base + i);
+      const Pack<lat_t, N> av = load_pack<N>(a0 + base + i);
+      Pack<pred_t, N> ov;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const acc_t p = static_cast<acc_t>(pv.v[j]);
+        const acc_t m = static_cast<acc_t>(mv.v[j]);
+        acc_t r = 0;
+        if (use_x) {
+          r = c_x * fma(-fma(-g, static_cast<acc_t>(xv.v[j]), m), inv_s, p);
+        }
+        if (use_a) {
+          r = fma(c_a, fma(-fma(-g, static_cast<acc_t>(av.v[j]), m), inv_s, p), r);
+        }
+        ov.v[j] = static_cast<pred_t>(r);
+      }
+      store_pack<N>(out + base + i, ov);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(
+    const at::Tensor& pred_in, const at::Tensor& noisy_in, const at::Tensor& x0_in, const at::Tensor& a0_in,
+    const at::Tensor& gamma_in, const at::Tensor& sigma_in, double lambd, std::optional<double> weight_clip) {
+  constexpr const char* op = "siss_fast::siss_loss_forward_ext";
+  TORCH_CHECK(lambd >= 0.0 && lambd <= 1.0, op, ": lambd must be in [0, 1], got ", lambd);
+  TORCH_CHECK(!weight_clip.has_value() || *weight_clip > 0.0, op, ": weight_clip must be > 0, got ", *weight_clip);
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const Prepared t = prepare_loss_args(pred_in, noisy_in, x0_in, a0_in, gamma_in, sigma_in, op);
+  const WeightParams params = make_weight_params(lambd, weight_clip);
+  const auto vec_options = t.gamma.options();
+  at::Tensor ell_x = at::empty({t.batch}, vec_options), ell_a = at::empty({t.batch}, vec_options);
+  at::Tensor w_x = at::empty({t.batch}, vec_options), w_a = at::empty({t.batch}, vec_options);
+  const int64_t chunks = (t.numel + kChunk - 1) / kChunk;
+  // Workspace from the caching allocator, ordered on the current stream: no host synchronisation.
+  at::Tensor partials = at::empty({t.batch * chunks * 3}, vec_options);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtypes(t.pred.scalar_type(), t.noisy.scalar_type(), op, [&](auto pred_tag, auto lat_tag, auto acc_tag) {
+    using pred_t = decltype(pred_tag);
+    using lat_t = decltype(lat_tag);
+    using acc_t = decltype(acc_tag);
+    constexpr int N = vector_width<acc_t>();
+    const pred_t* pred = t.pred.const_data_ptr<pred_t>();
+    const lat_t* noisy = t.noisy.const_data_ptr<lat_t>();
+    const lat_t* x0 = t.x0.const_data_ptr<lat_t>();
+    const lat_t* a0 = t.a0.const_data_ptr<lat_t>();
+    if (chunks > 0) {
+      const dim3 grid = chunk_grid(t.batch, t.numel);
+      if (can_vectorize<N>(t.numel, {{pred, sizeof(pred_t)}, {noisy, sizeof(lat_t)}, {x0, sizeof(lat_t)},
+                                     {a0, sizeof(lat_t)}})) {
+        siss_partials_kernel<N, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
+            pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(), t.sigma.const_data_ptr<acc_t>(), t.batch, t.numel,
+            partials.mutable_data_ptr<acc_t>());
+      } else {
+        siss_partials_kernel<1, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
+            pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(), t.sigma.const_data_ptr<acc_t>(), t.batch, t.numel,
+            partials.mutable_data_ptr<acc_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    siss_finish_kernel<acc_t><<<static_cast<unsigned>(t.batch), kFinishThreads, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), t.sigma.const_data_ptr<acc_t>(), chunks,
+        1.0 / static_cast<double>(t.numel), params, ell_x.mutable_data_ptr<acc_t>(), ell_a.mutable_data_ptr<acc_t>(),
+        w_x.mutable_data_ptr<acc_t>(), w_a.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {ell_x, ell_a, w_x, w_a};
+}
+
+at::Tensor siss_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a, const at::Tensor& w_x_in,
+                              const at::Tensor& w_a_in, const at::Tensor& pred_in, const at::Tensor& noisy_in,
+                              const at::Tensor& x0_in, const at::Tensor& a0_in, const at::Tensor& gamma_in,
+                              const at::Tensor& sigma_in) {
+  constexpr const char* op = "siss_fast::siss_loss_backward_ext";
+  const c10::cuda::CUDAGuard guard(pred_in.device());
+  const Prepared t = prepare_loss_args(pred_in, noisy_in, x0_in, a0_in, gamma_in, sigma_in, op);
+  const at::ScalarType acc = t.gamma.scalar_type();
+  for (const at::Tensor* v : {&grad_ell_x, &grad_ell_a, &w_x_in, &w_a_in}) {
+    TORCH_CHECK(v->device() == t.pred.device(), op, ": all tensors must be on ", t.pred.device(), ", got one on ",
+                v->device());
+  }
+  const at::Tensor g_x = per_sample_vector(grad_ell_x, t.batch, acc, "grad_ell_x", op);
+  const at::Tensor g_a = per_sample_vector(grad_ell_a, t.batch, acc, "grad_ell_a", op);
+  const at::Tensor w_x = per_sample_vector(w_x_in, t.batch, acc, "w_x", op);
+  const at::Tensor w_a = per_sample_vector(w_a_in, t.batch, acc, "w_a", op);
+  at::Tensor out = at::empty(t.pred.sizes(), t.pred.options());
+  if (t.numel == 0) {
+    return out;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid = chunk_grid(t.batch, t.numel);
+  const double two_over_numel = 2.0 / static_cast<double>(t.numel);
+  dispatch_dtypes(t.pred.scalar_type(), t.noisy.scalar_type(), op, [&](auto pred_tag, auto lat_tag, auto acc_tag) {
+    using pred_t = decltype(pred_tag);
+    using lat_t = decltype(lat_tag);
+    using acc_t = decltype(acc_tag);
+    constexpr int N = vector_width<acc_t>();
+    const pred_t* pred = t.pred.const_data_ptr<pred_t>();
+    const lat_t* noisy = t.noisy.const_data_ptr<lat_t>();
+    const lat_t* x0 = t.x0.const_data_ptr<lat_t>();
+    const lat_t* a0 = t.a0.const_data_ptr<lat_t>();
+    pred_t* dst = out.mutable_data_ptr<pred_t>();
+    if (can_vectorize<N>(t.numel, {{pred, sizeof(pred_t)}, {noisy, sizeof(lat_t)}, {x0, sizeof(lat_t)},
+                                   {a0, sizeof(lat_t)}, {dst, sizeof(pred_t)}})) {
+      siss_backward_kernel<N, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
+          g_x.const_data_ptr<acc_t>(), g_a.const_data_ptr<acc_t>(), w_x.const_data_ptr<acc_t>(),
+          w_a.const_data_ptr<acc_t>(), pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(),
+          t.sigma.const_data_ptr<acc_t>(), dst, t.batch, t.numel, two_over_numel);
+    } else {
+      siss_backward_kernel<1, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
+          g_x.const_data_ptr<acc_t>(), g_a.const_data_ptr<acc_t>(), w_x.const_data_ptr<acc_t>(),
+          w_a.const_data_ptr<acc_t>(), pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(),
+          t.sigma.const_data_ptr<acc_t>(), dst, t.batch, t.numel, two_over_numel);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace siss_fast

@@ -1,0 +1,118 @@
+// Operator schemas of the compiled extension and their CPU/CUDA registrations.
+//
+// FRAGMENT: the Python registry (siss_fast/ops.py) defines the public siss_fast:: ops (mixture_noise,
+// siss_loss, siss_loss_backward) in the same namespace; the compiled kernels live under *_ext names and are
+// wrapped by it (fake impls and autograd are registered there, not here).
+//
+// Importing siss_fast._C runs the static registrations below; the module itself only carries build facts.
+#include <Python.h>
+
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "siss_fast.h"
+
+#ifdef SISS_FAST_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace siss_fast {
+
+Prepared prepare_loss_args(const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0,
+                           const at::Tensor& a0, const at::Tensor& gamma, const at::Tensor& sigma,
+                           const char* op_name) {
+  TORCH_CHECK(pred.dim() >= 1 && pred.size(0) >= 1, op_name, ": pred must have shape (B, ...) with B >= 1, got ",
+              pred.sizes());
+  TORCH_CHECK(noisy.sizes() == pred.sizes() && x0.sizes() == pred.sizes() && a0.sizes() == pred.sizes(), op_name,
+              ": pred, noisy, x0, a0 must share one shape, got ", pred.sizes(), ", ", noisy.sizes(), ", ",
+              x0.sizes(), ", ", a0.sizes());
+  TORCH_CHECK(x0.scalar_type() == noisy.scalar_type() && a0.scalar_type() == noisy.scalar_type(), op_name,
+              ": noisy, x0, a0 must share one dtype, got ", noisy.scalar_type(), ", ", x0.scalar_type(), ", ",
+              a0.scalar_type());
+  const int64_t batch = pred.size(0);
+  const at::ScalarType acc =
+      pred.scalar_type() == at::kDouble || noisy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == batch && sigma.dim() == 1 && sigma.size(0) == batch, op_name,
+              ": gamma and sigma must have shape (", batch, ",), got ", gamma.sizes(), " and ", sigma.sizes());
+  TORCH_CHECK(gamma.scalar_type() == acc && sigma.scalar_type() == acc, op_name, ": gamma and sigma must be ", acc,
+              " (the accumulation dtype), got ", gamma.scalar_type(), " and ", sigma.scalar_type());
+  const auto device = pred.device();
+  for (const at::Tensor* t : {&noisy, &x0, &a0, &gamma, &sigma}) {
+    TORCH_CHECK(t->device() == device, op_name, ": all tensors must be on ", device, ", got one on ", t->device());
+  }
+  Prepared p;
+  p.pred = pred.contiguous();
+  p.noisy = noisy.contiguous();
+  p.x0 = x0.contiguous();
+  p.a0 = a0.contiguous();
+  p.gamma = gamma.contiguous();
+  p.sigma = sigma.contiguous();
+  p.batch = batch;
+  p.numel = batch == 0 ? 0 : pred.numel() / batch;
+  return p;
+}
+
+at::Tensor per_sample_vector(const at::Tensor& v, int64_t batch, at::ScalarType dtype, const char* name,
+                             const char* op_name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == batch, op_name, ": ", name, " must have shape (", batch, ",), got ",
+              v.sizes());
+  return v.to(dtype).contiguous();
+}
+
+}  // namespace siss_fast
+
+TORCH_LIBRARY_FRAGMENT(siss_fast, m) {
+  m.def("mixture_noise_ext(Tensor x0, Tensor a0, Tensor noise, Tensor gamma, Tensor sigma, Tensor mask) -> Tensor");
+  m.def(
+      "siss_loss_forward_ext(Tensor pred, Tensor noisy, Tensor x0, Tensor a0, Tensor gamma, Tensor sigma, "
+      "float lambd, float? weight_clip) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "siss_loss_backward_ext(Tensor grad_ell_x, Tensor grad_ell_a, Tensor w_x, Tensor w_a, Tensor pred, "
+      "Tensor noisy, Tensor x0, Tensor a0, Tensor gamma, Tensor sigma) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(siss_fast, CPU, m) {
+  m.impl("mixture_noise_ext", &siss_fast::cpu::mixture_noise);
+  m.impl("siss_loss_forward_ext", &siss_fast::cpu::siss_loss_forward);
+  m.impl("siss_loss_backward_ext", &siss_fast::cpu::siss_loss_backward);
+}
+
+#ifdef SISS_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(siss_fast, CUDA, m) {
+  m.impl("mixture_noise_ext", &siss_fast::cuda::mixture_noise);
+  m.impl("siss_loss_forward_ext", &siss_fast::cuda::siss_loss_forward);
+  m.impl("siss_loss_backward_ext", &siss_fast::cuda::siss_loss_backward);
+}
+#endif
+
+// A plain CPython module (no pybind11: it keeps this translation unit small) that records how it was built.
+namespace {
+PyModuleDef siss_fast_c_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "siss_fast compiled kernels; importing registers the siss_fast::*_ext operators.",
+    -1,
+    nullptr,
+};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&siss_fast_c_module);
+  if (module == nullptr) {
+    return nullptr;
+  }
+#ifdef SISS_FAST_WITH_CUDA
+  const long with_cuda = 1;
+  const long cuda_runtime_version = CUDART_VERSION;  // e.g. 13000 for CUDA 13.0
+#else
+  const long with_cuda = 0;
+  const long cuda_runtime_version = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddIntConstant(module, "cuda_runtime_version", cuda_runtime_version) < 0 ||
+      PyModule_AddStringConstant(module, "torch_version", TORCH_VERSION) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,139 @@
+"""Loader of the compiled extension ``siss_fast._C`` (backends ``cpp`` and ``cuda``).
+
+Loads like torchao's ops: try the import once, record why it failed as a string, never raise at import time,
+never touch CUDA. Importing ``siss_fast._C`` registers the ``siss_fast::*_ext`` operators (csrc/ops.cpp):
+
+* ``siss_fast::mixture_noise_ext(x0, a0, noise, gamma, sigma, mask) -> Tensor``
+* ``siss_fast::siss_loss_forward_ext(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip) -> (ell_x, ell_a, w_x, w_a)``
+* ``siss_fast::siss_loss_backward_ext(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma) -> Tensor``
+
+with CPU kernels always and CUDA kernels when the extension was compiled with them. The three functions below
+have the exact signatures and contract of :mod:`siss_fast.reference`; arguments reach them validated by
+:mod:`siss_fast._checks`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "available",
+    "cuda_available",
+    "failure_reason",
+    "build_info",
+    "mixture_noise",
+    "siss_loss_forward",
+    "siss_loss_backward",
+]
+
+OP_NAMES = ("mixture_noise_ext", "siss_loss_forward_ext", "siss_loss_backward_ext")
+
+_C: Any = None
+_FAILURE: Optional[str] = None
+
+
+def _load() -> None:
+    global _C, _FAILURE
+    try:
+        module = importlib.import_module("siss_fast._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "siss_fast._C":
+            _FAILURE = f"siss_fast._C failed to load ({type(exc).__name__}: {exc})"
+        else:
+            _FAILURE = ("the compiled extension siss_fast._C is not built (install with a C++ compiler and "
+                        "`pip install --no-build-isolation .`, or run `python setup.py build_ext --inplace`)")
+        return
+    except Exception as exc:  # noqa: BLE001 - a broken build (e.g. an ABI mismatch) must never break the import
+        _FAILURE = f"siss_fast._C failed to load ({type(exc).__name__}: {exc})"
+        return
+    missing = [name for name in OP_NAMES if not hasattr(torch.ops.siss_fast, name)]
+    if missing:
+        _FAILURE = f"siss_fast._C loaded but did not register {', '.join('siss_fast::' + n for n in missing)}"
+        return
+    _C = module
+
+
+_load()
+
+
+def available() -> bool:
+    """True when ``siss_fast._C`` loaded and registered its operators (the ``cpp`` backend)."""
+    return _C is not None
+
+
+def cuda_available() -> bool:
+    """True when the loaded extension was compiled with its CUDA kernels (says nothing about a GPU being present)."""
+    return _C is not None and bool(getattr(_C, "with_cuda", 0))
+
+
+def failure_reason() -> Optional[str]:
+    """Why the extension is unavailable, or None when it loaded."""
+    return None if _C is not None else _FAILURE
+
+
+def build_info() -> Dict[str, Any]:
+    """Facts about the compiled extension: whether it loaded, with CUDA kernels, and what it was built against."""
+    info: Dict[str, Any] = {
+        "available": available(),
+        "with_cuda": cuda_available(),
+        "failure_reason": failure_reason(),
+        "path": getattr(_C, "__file__", None),
+        "built_against_torch": getattr(_C, "torch_version", None),
+        "running_torch": torch.__version__,
+        "cuda_runtime_version": None,
+    }
+    cuda_version = int(getattr(_C, "cuda_runtime_version", 0) or 0)
+    if cuda_version:
+        info["cuda_runtime_version"] = f"{cuda_version // 1000}.{(cuda_version % 1000) // 10}"
+    built = info["built_against_torch"]
+    info["torch_mismatch"] = bool(built) and built != torch.__version__.split("+")[0]
+    return info
+
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError(f"siss_fast compiled extension unavailable: {_FAILURE}")
+
+
+def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
+    """``m = gamma*(a0 if mask else x0) + sigma*noise``; see :func:`siss_fast.reference.mixture_noise`."""
+    _require()
+    return torch.ops.siss_fast.mixture_noise_ext(x0, a0, noise, gamma, sigma, mask)
+
+
+def siss_loss_forward(
+    pred: Tensor,
+    noisy: Tensor,
+    x0: Tensor,
+    a0: Tensor,
+    gamma: Tensor,
+    sigma: Tensor,
+    lambd: float,
+    weight_clip: Optional[float] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(ell_x, ell_a, w_x, w_a)``, each ``(B,)``; see :func:`siss_fast.reference.siss_loss_forward`."""
+    _require()
+    clip = None if weight_clip is None else float(weight_clip)
+    return tuple(torch.ops.siss_fast.siss_loss_forward_ext(pred, noisy, x0, a0, gamma, sigma, float(lambd), clip))
+
+
+def siss_loss_backward(
+    grad_ell_x: Tensor,
+    grad_ell_a: Tensor,
+    w_x: Tensor,
+    w_a: Tensor,
+    pred: Tensor,
+    noisy: Tensor,
+    x0: Tensor,
+    a0: Tensor,
+    gamma: Tensor,
+    sigma: Tensor,
+) -> Tensor:
+    """Gradient with respect to ``pred``; see :func:`siss_fast.reference.siss_loss_backward`."""
+    _require()
+    return torch.ops.siss_fast.siss_loss_backward_ext(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma,
+                                                      sigma)
