@@ -23,7 +23,7 @@ Formulas (SPEC §3-4), per sample ``b`` with D elements:
   ``log w_a = -logaddexp(log(1-lambda) - delta, log(lambda))``,
   then ``w = exp(log w)`` and the optional clip ``w <- min(w, clip)`` on the weight (clip rounded to the
   accumulation dtype), so a clipped weight is never above the clip, even by a rounding, and an overflow is clipped
-* per-sample losses: ``ell_x = w_x * sse_x / D``, ``sse_x = sum_i (pred - eps_x)_i^2``; likewise ``ell_a``
+* per-sample losses: ``ell_x = w_x * (sse_x / D)``, ``sse_x = sum_i (pred - eps_x)_i^2``; likewise ``ell_a``
 * backward, for upstream gradients ``g_x, g_a`` of ``ell_x, ell_a``:
   ``dpred = (2/D) * (c_x * (pred - eps_x) + c_a * (pred - eps_a))``, ``c = g * w`` and ``c = 0`` where ``g == 0``
   (so an unused term with an infinite weight contributes nothing instead of NaN).
@@ -141,7 +141,8 @@ def siss_loss_forward(
     sse_x = res_x.square().reshape(batch, -1).sum(dim=1)
     sse_a = res_a.square().reshape(batch, -1).sum(dim=1)
     w_x, w_a = weights_from_delta(delta, lambd, weight_clip)
-    return w_x * sse_x / d, w_a * sse_a / d, w_x, w_a
+    # w * (sse / D): the product of a large weight and sse could overflow although ell itself does not
+    return w_x * (sse_x / d), w_a * (sse_a / d), w_x, w_a
 
 
 def backward_coefficients(grad: Tensor, weight: Tensor, numel_per_sample: int) -> Tensor:

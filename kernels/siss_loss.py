@@ -1,0 +1,458 @@
+"""Fused SISS loss (SPEC §4) in Triton: forward reductions, finishing step (weights, losses) and backward.
+
+Per sample b with D elements (m = noisy, g = gamma[b], s = sigma[b], all math in the accumulation dtype ``acc`` =
+gamma's dtype, fp32 or fp64):
+
+    eps_x = (m - g*x0)/s                eps_a = (m - g*a0)/s
+    delta = sum_i g*(a0-x0)_i * (2m - g*(x0+a0))_i / (2 s^2)     (one sum of per-element differences)
+    sse_x = sum_i (pred - eps_x)_i^2    sse_a = sum_i (pred - eps_a)_i^2
+    log w_x = -logaddexp(log(1-lam), log(lam) + delta)    log w_a = -logaddexp(log(1-lam) - delta, log(lam))
+    (log 0 = -inf), w = exp(log w), optional clip w <- min(w, clip) on the weight itself
+    ell_x = w_x * (sse_x / D)           ell_a = w_a * (sse_a / D)
+    backward: dpred = (2/D) * (c_x*(pred - eps_x) + c_a*(pred - eps_a)),  c = g_ell*w, and c = 0 where g_ell == 0
+
+Forward = two launches, no atomics, so the result is bitwise reproducible run to run:
+
+1. ``siss_partials_kernel``: grid B * n_chunks; each program reduces one chunk of one sample into three partial
+   sums (delta numerator, sse_x, sse_a) written to a ``(3, B, n_chunks)`` buffer in ``acc``.
+2. ``siss_finish_kernel``: one program per BLOCK_B samples sums the partials in a fixed order and computes delta, the
+   log-space weights and the losses.
+
+The chunking (BLOCK, chunk size, warps) of the reduction is a fixed function of D, not autotuned: an autotuner picks
+its configuration by timing, and a different configuration would change the fp32 summation order, so results could
+differ in the last bits between processes. The backward pass is elementwise and autotuned (its result does not
+depend on the configuration). Nothing per-element is saved between forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._rounding import cast_to_output
+from ._launch import INTERPRET, as_rows, as_vector, check_device, elementwise_configs, split_hi_lo
+
+__all__ = [
+    "siss_loss_forward",
+    "siss_loss_backward",
+    "siss_partials_kernel",
+    "siss_finish_kernel",
+    "siss_backward_kernel",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward, step 1: per-chunk partial sums.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _div(x, y):
+    """IEEE round-to-nearest division. Triton's ``/`` on fp32 is div.full.f32 on NVIDIA GPUs (up to 2 ulp); the
+    kernels are memory-bound, so the exact division costs nothing measurable and matches torch's rounding. fp64
+    ``/`` is already IEEE (and the precise-division op accepts fp32 only)."""
+    if x.dtype == tl.float64:
+        return x / y
+    return tl.fdiv(x, y, ieee_rounding=True)
+
+
+@triton.jit
+def siss_partials_kernel(
+    pred_ptr,  # (B, D) prediction dtype (may differ from the latents: bf16 pred vs fp32 latents)
+    noisy_ptr,  # (B, D) latent dtype
+    x0_ptr,  # (B, D) latent dtype
+    a0_ptr,  # (B, D) latent dtype
+    gamma_ptr,  # (B,) acc dtype
+    sigma_ptr,  # (B,) acc dtype
+    partial_ptr,  # (3, B, n_chunks) acc dtype: delta numerator, sse_x, sse_a
+    D,  # elements per sample
+    chunk_size,  # elements per chunk, a multiple of BLOCK
+    n_chunks,  # cdiv(D, chunk_size)
+    plane,  # B * n_chunks: stride between the three partial planes
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // n_chunks
+    chunk = pid % n_chunks
+    acc_ty = gamma_ptr.dtype.element_ty
+    g = tl.load(gamma_ptr + row)
+    s = tl.load(sigma_ptr + row)
+
+    # int64: row * D and chunk * chunk_size can exceed 2**31.
+    row_base = row.to(tl.int64) * D
+    start = chunk.to(tl.int64) * chunk_size
+    stop = tl.minimum(start + chunk_size, D)
+
+    # Vector accumulators (one slot per lane), reduced once at the end: the summation order is fixed by BLOCK and
+    # the chunk size, never by scheduling.
+    acc_delta = tl.zeros([BLOCK], dtype=acc_ty)
+    acc_sse_x = tl.zeros([BLOCK], dtype=acc_ty)
+    acc_sse_a = tl.zeros([BLOCK], dtype=acc_ty)
+    for k in range(start, stop, BLOCK):
+        col = k + tl.arange(0, BLOCK)
+        inside = col < stop
+        offs = row_base + col
+        # Out-of-range lanes load 0 for every input, which makes each of the three summands exactly 0
+        # (res = 0 - (0 - g*0)/s = 0, delta term = g*0*(0 - g*0) = 0): no tl.where needed.
+        p = tl.load(pred_ptr + offs, mask=inside, other=0.0).to(acc_ty)
+        m = tl.load(noisy_ptr + offs, mask=inside, other=0.0).to(acc_ty)
+        x = tl.load(x0_ptr + offs, mask=inside, other=0.0).to(acc_ty)
+        a = tl.load(a0_ptr + offs, mask=inside, other=0.0).to(acc_ty)
+        # m - g*x is a cancellation when sigma is small (m ~ g*x + sigma*eps): one fma rounds it once instead of
+        # rounding the product g*x first. The same holds for 2m - g(x + a) below.
+        res_x = p - _div(tl.fma(-g, x, m), s)  # pred - eps_x
+        res_a = p - _div(tl.fma(-g, a, m), s)  # pred - eps_a
+        # d_x - d_a per element, times 2 s^2: ||m - g x||^2 - ||m - g a||^2 = g(a - x) . (2m - g(x + a)).
+        # Summing this difference directly avoids the cancellation of two large sums d_x and d_a (SPEC §4).
+        acc_delta += (g * (a - x)) * tl.fma(-g, x + a, 2.0 * m)
+        acc_sse_x += res_x * res_x
+        acc_sse_a += res_a * res_a
+
+    tl.store(partial_ptr + pid, tl.sum(acc_delta, axis=0))
+    tl.store(partial_ptr + plane + pid, tl.sum(acc_sse_x, axis=0))
+    tl.store(partial_ptr + 2 * plane + pid, tl.sum(acc_sse_a, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward, step 2: fixed-order sum of the partials, log-space weights, losses.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _join_hi_lo(zero, hi, lo):
+    """hi + lo in zero's dtype (acc). ``zero + hi`` is exact (hi is an fp32 value); in fp32 adding lo rounds back
+    to hi, in fp64 it restores ~48 bits of the Python float. (Scalar kernel arguments are fp32 on the GPU and Python
+    floats in the interpreter: adding them to a typed zero works for both.)"""
+    return (zero + hi) + lo
+
+
+@triton.jit
+def _log1p_small(u):
+    """log(1 + u) for u in [0, 1] without libdevice: Goldberg's trick log(y) * u / (y - 1), y = fl(1 + u).
+
+    y - 1 is exact (Sterbenz), and the ratio u / (y - 1) corrects the rounding of 1 + u, so the result keeps full
+    relative accuracy for small u; when 1 + u rounds to 1, log1p(u) = u to working precision.
+    """
+    y = 1.0 + u
+    return tl.where(y == 1.0, u, tl.log(y) * (u / (y - 1.0)))
+
+
+@triton.jit
+def _logaddexp(a, b):
+    """log(e^a + e^b) = max + log1p(e^(min - max)), with log 0 = -inf handled: logaddexp(-inf, b) = b exactly.
+
+    e^(min - max) is in [0, 1], so nothing overflows. When min = -inf, min - max is -inf (or NaN when both are
+    -inf), so that case returns max directly: this is what makes lambda = 0 and lambda = 1 exact.
+    """
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return tl.where(lo == float("-inf"), hi, hi + _log1p_small(tl.exp(lo - hi)))
+
+
+@triton.jit
+def _exp_accurate(x):
+    """e^x to about 1 ulp in fp32 (fp64: tl.exp, which is already accurate).
+
+    On NVIDIA GPUs fp32 tl.exp is ex2.approx(x * log2(e)); the rounding of the product costs a relative error of
+    about |x| * 6e-8, i.e. 3e-6 at x = -50: too close to the 1e-5 bar on the weights. Cody-Waite range reduction
+    keeps the approximate exponential on |r| <= ln(2)/2: x = n ln2 + r, with ln2 = LN2_HI + LN2_LO where LN2_HI has
+    9 significant bits so that n * LN2_HI is exact for |n| < 2**15; then e^x = e^r * 2^(n1) * 2^(n2), n = n1 + n2,
+    split in two so that e^x near the top of the range does not overflow through 2^n alone. Powers of two are exact.
+    The clamp to [-200, 200] maps +-inf to the right limits (0 and inf) without NaN from inf - inf.
+    """
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    xc = tl.minimum(tl.maximum(x, -200.0), 200.0)
+    n = tl.floor(xc * 1.4426950408889634 + 0.5)
+    r = (xc - n * 0.693359375) - n * (-2.1219444005469058e-04)
+    n1 = tl.floor(n * 0.5)
+    n2 = n - n1
+    return tl.exp(r) * tl.exp2(n1) * tl.exp2(n2)
+
+
+@triton.jit
+def siss_finish_kernel(
+    partial_ptr,  # (3, B, n_chunks) acc dtype
+    sigma_ptr,  # (B,) acc dtype
+    ell_x_ptr,  # (B,) acc dtype outputs
+    ell_a_ptr,
+    w_x_ptr,
+    w_a_ptr,
+    B,
+    n_chunks,
+    plane,  # B * n_chunks: stride between the three partial planes
+    # Python floats arrive as fp32 scalars; (hi, lo) pairs rebuild them in fp64 when acc is fp64.
+    log_keep_hi,  # log(1 - lambda), -inf for lambda = 1
+    log_keep_lo,
+    log_lambd_hi,  # log(lambda), -inf for lambda = 0
+    log_lambd_lo,
+    clip_hi,  # weight_clip, +inf without clipping
+    clip_lo,
+    d_hi,  # D as a float
+    d_lo,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    acc_ty = sigma_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    base = rows.to(tl.int64)[:, None] * n_chunks
+
+    # Fixed-order sum over chunks: column j of the tile accumulates chunks j, j + BLOCK_C, ...; then one tree sum.
+    sum_delta = tl.zeros([BLOCK_B, BLOCK_C], dtype=acc_ty)
+    sum_sse_x = tl.zeros([BLOCK_B, BLOCK_C], dtype=acc_ty)
+    sum_sse_a = tl.zeros([BLOCK_B, BLOCK_C], dtype=acc_ty)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < n_chunks)[None, :]
+        idx = base + cols[None, :]
+        sum_delta += tl.load(partial_ptr + idx, mask=ok, other=0.0)
+        sum_sse_x += tl.load(partial_ptr + plane + idx, mask=ok, other=0.0)
+        sum_sse_a += tl.load(partial_ptr + 2 * plane + idx, mask=ok, other=0.0)
+    delta_num = tl.sum(sum_delta, axis=1)
+    sse_x = tl.sum(sum_sse_x, axis=1)
+    sse_a = tl.sum(sum_sse_a, axis=1)
+
+    s = tl.load(sigma_ptr + rows, mask=row_ok, other=1.0)
+    delta = _div(delta_num, (2.0 * s) * s)
+
+    zero = tl.zeros([BLOCK_B], dtype=acc_ty)
+    keep = _join_hi_lo(zero, log_keep_hi, log_keep_lo)
+    lambd = _join_hi_lo(zero, log_lambd_hi, log_lambd_lo)
+    clip = _join_hi_lo(zero, clip_hi, clip_lo)
+    d = _join_hi_lo(zero, d_hi, d_lo)
+
+    # w_x = 1 / ((1-lam) + lam e^delta), w_a = 1 / ((1-lam) e^-delta + lam), in log space so that e^delta is never
+    # formed alone; for 0 < lam < 1 both are bounded (w_x <= 1/(1-lam), w_a <= 1/lam).
+    # The clip applies to the weight itself, after the exponential: a clipped weight never exceeds the clip, even by
+    # a rounding, and an overflow to inf is clipped too.
+    w_x = tl.minimum(_exp_accurate(-_logaddexp(keep, lambd + delta)), clip)
+    w_a = tl.minimum(_exp_accurate(-_logaddexp(keep - delta, lambd)), clip)
+
+    tl.store(w_x_ptr + rows, w_x, mask=row_ok)
+    tl.store(w_a_ptr + rows, w_a, mask=row_ok)
+    # w * (sse / D), not (w * sse) / D: a large weight times sse could overflow although ell itself does not.
+    tl.store(ell_x_ptr + rows, w_x * _div(sse_x, d), mask=row_ok)
+    tl.store(ell_a_ptr + rows, w_a * _div(sse_a, d), mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: one elementwise pass.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def siss_backward_kernel(
+    pred_ptr,  # (B, D) prediction dtype
+    noisy_ptr,  # (B, D) latent dtype
+    x0_ptr,
+    a0_ptr,
+    gamma_ptr,  # (B,) acc dtype
+    sigma_ptr,
+    grad_x_ptr,  # (B,) upstream gradients of ell_x, ell_a (any float dtype)
+    grad_a_ptr,
+    w_x_ptr,  # (B,) weights saved by the forward pass
+    w_a_ptr,
+    out_ptr,  # (B, D) dpred, prediction dtype
+    D,
+    two_over_d_hi,  # 2 / D as a (hi, lo) fp32 pair
+    two_over_d_lo,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunks_per_row = tl.cdiv(D, BLOCK)
+    row = pid // chunks_per_row
+    col = (pid % chunks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_row = col < D
+    offs = row.to(tl.int64) * D + col
+
+    acc_ty = gamma_ptr.dtype.element_ty
+    g = tl.load(gamma_ptr + row)
+    s = tl.load(sigma_ptr + row)
+    two_over_d = _join_hi_lo(tl.zeros_like(g), two_over_d_hi, two_over_d_lo)
+    gx = tl.load(grad_x_ptr + row).to(acc_ty)
+    ga = tl.load(grad_a_ptr + row).to(acc_ty)
+    # c = g * w * 2/D, and exactly 0 when g == 0: an unused term whose weight overflowed to inf (lambda in {0, 1}
+    # without clipping) then contributes 0 instead of 0 * inf = NaN.
+    c_x = tl.where(gx == 0.0, 0.0, gx * tl.load(w_x_ptr + row).to(acc_ty) * two_over_d)
+    c_a = tl.where(ga == 0.0, 0.0, ga * tl.load(w_a_ptr + row).to(acc_ty) * two_over_d)
+
+    p = tl.load(pred_ptr + offs, mask=in_row, other=0.0).to(acc_ty)
+    m = tl.load(noisy_ptr + offs, mask=in_row, other=0.0).to(acc_ty)
+    x = tl.load(x0_ptr + offs, mask=in_row, other=0.0).to(acc_ty)
+    a = tl.load(a0_ptr + offs, mask=in_row, other=0.0).to(acc_ty)
+    res_x = p - _div(tl.fma(-g, x, m), s)  # same arithmetic as the forward pass (single rounding of m - g*x)
+    res_a = p - _div(tl.fma(-g, a, m), s)
+    dpred = c_x * res_x + c_a * res_a
+    tl.store(out_ptr + offs, cast_to_output(dpred, out_ptr.dtype.element_ty), mask=in_row)
+
+
+_siss_backward_tuned = None if INTERPRET else triton.autotune(elementwise_configs(triton), key=["D"])(
+    siss_backward_kernel
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch configuration.
+# ---------------------------------------------------------------------------------------------------------------
+
+# GPU reduction: BLOCK lanes per step with 8 warps (8 elements per thread per input); each program reduces
+# `iters` blocks, iters = clamp(blocks_per_sample // 32, 1, 8): small samples get many short chunks (parallelism),
+# large ones chunks of up to 16K elements (fewer partials). A pure function of D: reproducible across processes
+# and independent of the batch size.
+_GPU_REDUCE_BLOCK = 2048
+_GPU_REDUCE_WARPS = 8
+_GPU_FINISH_BLOCK_B = 32
+_GPU_FINISH_BLOCK_C = 32
+
+
+def reduction_layout(d: int) -> Tuple[int, int, int]:
+    """``(BLOCK, chunk_size, n_chunks)`` of the forward reduction for D elements per sample (deterministic in D)."""
+    if INTERPRET:
+        # ~1 ms per program instance in the interpreter: one chunk per sample up to 64K elements.
+        block = min(8192, max(16, triton.next_power_of_2(d)))
+        chunk = block * min(8, triton.cdiv(d, block))
+    else:
+        block = _GPU_REDUCE_BLOCK
+        chunk = block * min(8, max(1, triton.cdiv(d, block) // 32))
+    return block, chunk, triton.cdiv(d, chunk)
+
+
+def _finish_blocks(batch: int, n_chunks: int) -> Tuple[int, int]:
+    if INTERPRET:
+        return min(64, max(2, triton.next_power_of_2(batch))), min(64, max(2, triton.next_power_of_2(n_chunks)))
+    return _GPU_FINISH_BLOCK_B, _GPU_FINISH_BLOCK_C
+
+
+def _log_coefficients(lambd: float, weight_clip: Optional[float]) -> Tuple[float, float, float]:
+    """(log(1 - lambda), log(lambda), clip) with log 0 = -inf and no clip = +inf."""
+    log_keep = math.log1p(-lambd) if lambd < 1.0 else -math.inf
+    log_lambd = math.log(lambd) if lambd > 0.0 else -math.inf
+    clip = float(weight_clip) if weight_clip is not None else math.inf
+    return log_keep, log_lambd, clip
+
+
+def launch_siss_loss_forward(
+    pred: Tensor,
+    noisy: Tensor,
+    x0: Tensor,
+    a0: Tensor,
+    gamma: Tensor,
+    sigma: Tensor,
+    lambd: float,
+    weight_clip: Optional[float] = None,
+    wrap: Callable = lambda k: k,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Shared body of the plain launcher and of the ``triton_op`` (``wrap=torch.library.wrap_triton``)."""
+    batch = pred.shape[0]
+    acc = gamma.dtype
+    device = pred.device
+    p, m, x, a = as_rows(pred, batch), as_rows(noisy, batch), as_rows(x0, batch), as_rows(a0, batch)
+    gamma, sigma = gamma.contiguous(), sigma.contiguous()
+    d = p.shape[1]
+    block, chunk, n_chunks = reduction_layout(d)
+
+    partials = torch.empty((3, batch, n_chunks), dtype=acc, device=device)
+    if n_chunks > 0:
+        grid = (batch * n_chunks,)
+        wrap(siss_partials_kernel)[grid](
+            p, m, x, a, gamma, sigma, partials, d, chunk, n_chunks, batch * n_chunks, BLOCK=block,
+            num_warps=4 if INTERPRET else _GPU_REDUCE_WARPS,
+        )
+
+    ell_x = torch.empty(batch, dtype=acc, device=device)
+    ell_a = torch.empty(batch, dtype=acc, device=device)
+    w_x = torch.empty(batch, dtype=acc, device=device)
+    w_a = torch.empty(batch, dtype=acc, device=device)
+    log_keep, log_lambd, clip = _log_coefficients(lambd, weight_clip)
+    block_b, block_c = _finish_blocks(batch, n_chunks)
+    wrap(siss_finish_kernel)[(triton.cdiv(batch, block_b),)](
+        partials, sigma, ell_x, ell_a, w_x, w_a, batch, n_chunks, batch * n_chunks,
+        *split_hi_lo(log_keep), *split_hi_lo(log_lambd), *split_hi_lo(clip), *split_hi_lo(float(max(d, 1))),
+        BLOCK_B=block_b, BLOCK_C=block_c, num_warps=4,
+    )
+    return ell_x, ell_a, w_x, w_a
+
+
+def launch_siss_loss_backward(
+    grad_ell_x: Tensor,
+    grad_ell_a: Tensor,
+    w_x: Tensor,
+    w_a: Tensor,
+    pred: Tensor,
+    noisy: Tensor,
+    x0: Tensor,
+    a0: Tensor,
+    gamma: Tensor,
+    sigma: Tensor,
+    wrap: Callable = lambda k: k,
+) -> Tensor:
+    """Shared body of the plain launcher and of the ``triton_op`` (``wrap=torch.library.wrap_triton``)."""
+    batch = pred.shape[0]
+    out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    if out.numel() == 0:
+        return out
+    p, m, x, a = as_rows(pred, batch), as_rows(noisy, batch), as_rows(x0, batch), as_rows(a0, batch)
+    d = p.shape[1]
+    args = (
+        p, m, x, a, gamma.contiguous(), sigma.contiguous(),
+        as_vector(grad_ell_x), as_vector(grad_ell_a), as_vector(w_x), as_vector(w_a),
+        out, d, *split_hi_lo(2.0 / d),
+    )
+    if INTERPRET:
+        block = min(16384, max(16, triton.next_power_of_2(d)))
+        wrap(siss_backward_kernel)[(batch * triton.cdiv(d, block),)](*args, BLOCK=block)
+    else:
+        wrap(_siss_backward_tuned)[lambda meta: (batch * triton.cdiv(d, meta["BLOCK"]),)](*args)
+    return out
+
+
+def siss_loss_forward(
+    pred: Tensor,
+    noisy: Tensor,
+    x0: Tensor,
+    a0: Tensor,
+    gamma: Tensor,
+    sigma: Tensor,
+    lambd: float,
+    weight_clip: Optional[float] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused SISS forward: ``(ell_x, ell_a, w_x, w_a)``, each ``(B,)`` in the accumulation dtype (gamma's).
+
+    Args:
+        pred: ``(B, ...)`` fp16/bf16/fp32/fp64, any strides.
+        noisy, x0, a0: pred's shape, one latent dtype (may differ from pred's), any strides.
+        gamma, sigma: ``(B,)`` fp32 (fp64 for fp64 inputs), sigma > 0.
+        lambd: mixture probability in [0, 1]; weight_clip: None or > 0.
+
+    ``ell_x = w_x * sum_i (pred - eps_x)^2 / D``, likewise ``ell_a``; weights as in
+    :func:`siss_fast.reference.log_weights`. Two launches, no atomics: bitwise deterministic.
+    """
+    check_device(pred, noisy, x0, a0, gamma, sigma)
+    return launch_siss_loss_forward(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip)
+
+
+def siss_loss_backward(
+    grad_ell_x: Tensor,
+    grad_ell_a: Tensor,
+    w_x: Tensor,
+    w_a: Tensor,
+    pred: Tensor,
+    noisy: Tensor,
+    x0: Tensor,
+    a0: Tensor,
+    gamma: Tensor,
+    sigma: Tensor,
+) -> Tensor:
+    """Gradient of ``sum_b g_x[b]*ell_x[b] + g_a[b]*ell_a[b]`` w.r.t. pred, one elementwise pass.
+
+    ``dpred = (2/D) * (c_x*(pred - eps_x) + c_a*(pred - eps_a))`` with ``c = g*w`` (0 where g == 0).
+    ``grad_ell_*``, ``w_*``: ``(B,)``; returns a contiguous tensor of pred's shape and dtype.
+    """
+    check_device(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma)
+    return launch_siss_loss_backward(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma)
