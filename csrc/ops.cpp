@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/kernels.h"
 #include "siss_fast.h"
 
 #ifdef SISS_FAST_WITH_CUDA
@@ -56,6 +57,9 @@ at::Tensor per_sample_vector(const at::Tensor& v, int64_t batch, at::ScalarType 
                              const char* op_name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == batch, op_name, ": ", name, " must have shape (", batch, ",), got ",
               v.sizes());
+  if (v.scalar_type() == dtype && v.is_contiguous()) {
+    return v;  // the common case (the Python registry passes contiguous vectors): no dispatcher round trips
+  }
   return v.to(dtype).contiguous();
 }
 
@@ -85,15 +89,64 @@ TORCH_LIBRARY_IMPL(siss_fast, CUDA, m) {
 }
 #endif
 
-// A plain CPython module (no pybind11: it keeps this translation unit small) that records how it was built.
+// A plain CPython module (no pybind11: it keeps this translation unit small) that records how it was built and
+// exposes the CPU capability dispatch of csrc/cpu/kernels.h.
 namespace {
+
+PyObject* cpu_capability(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyUnicode_FromString(siss_fast::cpu::capability_name(siss_fast::cpu::kernels().capability));
+}
+
+PyObject* supported_cpu_capabilities(PyObject* /*self*/, PyObject* /*args*/) {
+  const std::vector<std::string> names = siss_fast::cpu::supported_capabilities();
+  PyObject* result = PyTuple_New(static_cast<Py_ssize_t>(names.size()));
+  if (result == nullptr) {
+    return nullptr;
+  }
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* name = PyUnicode_FromString(names[i].c_str());
+    if (name == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, static_cast<Py_ssize_t>(i), name);
+  }
+  return result;
+}
+
+PyObject* set_cpu_capability(PyObject* /*self*/, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) {
+    return nullptr;
+  }
+  if (!siss_fast::cpu::set_capability(name)) {
+    PyErr_Format(PyExc_ValueError,
+                 "siss_fast: CPU capability '%s' is not one this build and CPU support (see "
+                 "supported_cpu_capabilities())",
+                 name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef siss_fast_c_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU kernel build in use: 'default', 'avx2' or 'avx512'."},
+    {"supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS,
+     "The CPU kernel builds compiled in that this CPU can run, lowest first."},
+    {"set_cpu_capability", set_cpu_capability, METH_O,
+     "Switch the CPU kernels to the given supported capability (for tests and benchmarks)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyModuleDef siss_fast_c_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "siss_fast compiled kernels; importing registers the siss_fast::*_ext operators.",
     -1,
-    nullptr,
+    siss_fast_c_methods,
 };
+
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -22,7 +22,11 @@ namespace siss_fast {
 //
 //   log w_x = -logaddexp(log(1-lambda), log(lambda) + delta)
 //   log w_a = -logaddexp(log(1-lambda) - delta, log(lambda))
-//   optional clip: log w <- min(log w, log(weight_clip))
+//   w = exp(log w), then the optional clip on the weight itself: w <- min(w, weight_clip)
+//
+// The clip is applied after exponentiation, against weight_clip rounded to the accumulation dtype: the stored
+// weight (rounded to that dtype, a monotone rounding) is then never above the clip as the user compares it, not
+// even by one rounding of exp(log(clip)), and an exp that overflows to inf is clipped like any other large weight.
 //
 // log 0 = -inf makes lambda in {0, 1} exact: lambda = 0 gives w_x = 1, w_a = e^delta; lambda = 1 gives
 // w_x = e^-delta, w_a = 1. e^delta alone is never formed for 0 < lambda < 1.
@@ -30,15 +34,19 @@ namespace siss_fast {
 struct WeightParams {
   double log_keep;   // log(1 - lambda), -inf at lambda = 1
   double log_lambd;  // log(lambda), -inf at lambda = 0
-  double log_clip;   // log(weight_clip), +inf without clipping
+  double clip;       // weight_clip rounded to the accumulation dtype, +inf without clipping
 };
 
-inline WeightParams make_weight_params(double lambd, const std::optional<double>& weight_clip) {
+// acc: the accumulation dtype (fp32, or fp64 for fp64 inputs), to which the clip is rounded.
+inline WeightParams make_weight_params(double lambd, const std::optional<double>& weight_clip, at::ScalarType acc) {
   constexpr double inf = std::numeric_limits<double>::infinity();
   WeightParams p;
   p.log_keep = lambd < 1.0 ? std::log1p(-lambd) : -inf;
   p.log_lambd = lambd > 0.0 ? std::log(lambd) : -inf;
-  p.log_clip = weight_clip.has_value() ? std::log(*weight_clip) : inf;
+  p.clip = inf;
+  if (weight_clip.has_value()) {
+    p.clip = acc == at::kDouble ? *weight_clip : static_cast<double>(static_cast<float>(*weight_clip));
+  }
   return p;
 }
 
@@ -58,12 +66,11 @@ C10_HOST_DEVICE inline void finish_sample(double delta_sum, double sse_x, double
                                           double inv_numel, const WeightParams& p, double* ell_x, double* ell_a,
                                           double* w_x, double* w_a) {
   const double delta = delta_sum / (2.0 * sigma * sigma);
-  double log_w_x = -logaddexp(p.log_keep, p.log_lambd + delta);
-  double log_w_a = -logaddexp(p.log_keep - delta, p.log_lambd);
-  log_w_x = log_w_x < p.log_clip ? log_w_x : p.log_clip;
-  log_w_a = log_w_a < p.log_clip ? log_w_a : p.log_clip;
-  *w_x = exp(log_w_x);
-  *w_a = exp(log_w_a);
+  const double unclipped_x = exp(-logaddexp(p.log_keep, p.log_lambd + delta));
+  const double unclipped_a = exp(-logaddexp(p.log_keep - delta, p.log_lambd));
+  // min(w, clip), with clip <= +inf: an overflow to inf becomes the clip; a NaN (not reachable) would pass through.
+  *w_x = unclipped_x > p.clip ? p.clip : unclipped_x;
+  *w_a = unclipped_a > p.clip ? p.clip : unclipped_a;
   *ell_x = *w_x * (sse_x * inv_numel);
   *ell_a = *w_a * (sse_a * inv_numel);
 }

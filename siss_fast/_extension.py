@@ -10,6 +10,12 @@ never touch CUDA. Importing ``siss_fast._C`` registers the ``siss_fast::*_ext`` 
 with CPU kernels always and CUDA kernels when the extension was compiled with them. The three functions below
 have the exact signatures and contract of :mod:`siss_fast.reference`; arguments reach them validated by
 :mod:`siss_fast._checks`.
+
+The CPU kernels are compiled once per CPU capability (``default``; on x86-64 also ``avx2`` and ``avx512``); the
+``avx2`` build runs when the CPU has AVX2, else ``default`` (AVX-512 is no faster for these memory-bound kernels;
+csrc/cpu/dispatch.cpp). ``SISS_FAST_CPU_CAPABILITY=default|avx2|avx512`` selects the build at import time;
+:func:`set_cpu_capability` switches it at run time (tests, benchmarks). Results are bitwise
+independent of the thread count for one capability; capabilities agree to rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ __all__ = [
     "cuda_available",
     "failure_reason",
     "build_info",
+    "cpu_capability",
+    "supported_cpu_capabilities",
+    "set_cpu_capability",
     "mixture_noise",
     "siss_loss_forward",
     "siss_loss_backward",
@@ -85,6 +94,8 @@ def build_info() -> Dict[str, Any]:
         "built_against_torch": getattr(_C, "torch_version", None),
         "running_torch": torch.__version__,
         "cuda_runtime_version": None,
+        "cpu_capability": cpu_capability(),
+        "cpu_capabilities": supported_cpu_capabilities(),
     }
     cuda_version = int(getattr(_C, "cuda_runtime_version", 0) or 0)
     if cuda_version:
@@ -92,6 +103,22 @@ def build_info() -> Dict[str, Any]:
     built = info["built_against_torch"]
     info["torch_mismatch"] = bool(built) and built != torch.__version__.split("+")[0]
     return info
+
+
+def cpu_capability() -> Optional[str]:
+    """The CPU kernel build in use (``"default"``, ``"avx2"`` or ``"avx512"``), or None without the extension."""
+    return _C.cpu_capability() if _C is not None else None
+
+
+def supported_cpu_capabilities() -> Tuple[str, ...]:
+    """The CPU kernel builds compiled in that this CPU can run, lowest first (empty without the extension)."""
+    return tuple(_C.supported_cpu_capabilities()) if _C is not None else ()
+
+
+def set_cpu_capability(name: str) -> None:
+    """Run the CPU kernels of ``name`` from now on (process-wide); ValueError if it is not supported here."""
+    _require()
+    _C.set_cpu_capability(str(name))
 
 
 def _require() -> None:

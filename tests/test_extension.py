@@ -3,10 +3,16 @@
 The shared oracle suite runs every backend through the public API; this file checks what only the extension
 promises: its operators are registered under their names, CPU results do not depend on the thread count, fp64
 agrees with siss_fast.reference to rounding, mixed pred/latent dtypes work, and the CUDA kernels (GPU only)
-match the CPU ones. Everything skips with a reason when the extension is not built.
+match the CPU ones. The CPU checks run for every CPU kernel build this machine supports (default, avx2, avx512),
+and the runtime CPU dispatch has tests of its own. Everything skips with a reason when the extension is not built.
 """
 
 from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +25,18 @@ pytestmark = pytest.mark.skipif(not ext.available(), reason=f"siss_fast._C unava
 LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [(1, 4, 17, 23), (3, 4, 64, 64), (2, 3, 64, 67), (5, 7)]
 LAMBDAS = [(0.5, None), (0.0, None), (1.0, None), (0.3, 20.0), (0.0, 5.0)]
+CAPABILITIES = ext.supported_cpu_capabilities() or ("default",)
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request):
+    """Runs the test with the CPU kernels of one capability, then restores the automatic choice."""
+    before = ext.cpu_capability()
+    ext.set_cpu_capability(request.param)
+    try:
+        yield request.param
+    finally:
+        ext.set_cpu_capability(before)
 
 
 def _case(shape, device="cpu", seed=0):
@@ -95,7 +113,7 @@ def test_build_info_and_failure_reason():
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("lambd,weight_clip", LAMBDAS)
-def test_fp64_matches_reference(shape, lambd, weight_clip):
+def test_fp64_matches_reference(shape, lambd, weight_clip, capability):
     c = _case(shape)
     args = _loss_args(c)
     got = ext.siss_loss_forward(*args, lambd, weight_clip)
@@ -123,7 +141,7 @@ def test_fp64_matches_reference(shape, lambd, weight_clip):
 
 @pytest.mark.parametrize("pred_dtype", LOW_PRECISION)
 @pytest.mark.parametrize("latent_dtype", LOW_PRECISION)
-def test_mixed_dtypes_meet_the_bar(pred_dtype, latent_dtype):
+def test_mixed_dtypes_meet_the_bar(pred_dtype, latent_dtype, capability):
     """SPEC §9: error vs the fp64 oracle (on the same rounded inputs) within 1e-5 (fp32) or 2x plain PyTorch."""
     shape = (3, 4, 32, 33)
     c = _case(shape)
@@ -149,7 +167,7 @@ def test_mixed_dtypes_meet_the_bar(pred_dtype, latent_dtype):
 
 
 @pytest.mark.parametrize("latent_dtype", (*LOW_PRECISION, torch.float64))
-def test_mixture_noise_matches_oracle(latent_dtype):
+def test_mixture_noise_matches_oracle(latent_dtype, capability):
     c = _case((3, 4, 17, 23))
     acc = torch.float64 if latent_dtype == torch.float64 else torch.float32
     args = (c["x0"].to(latent_dtype), c["a0"].to(latent_dtype), c["noise"].to(latent_dtype), c["gamma"].to(acc),
@@ -165,7 +183,7 @@ def test_mixture_noise_matches_oracle(latent_dtype):
     assert ((got.double() - oracle).abs() <= bound).all()
 
 
-def test_cpu_results_independent_of_thread_count():
+def test_cpu_results_independent_of_thread_count(capability):
     c = _case((3, 3, 128, 129))  # several chunks per sample, a ragged tail
     args = _loss_args(c, torch.float32, torch.float32)
     g_x, g_a = _upstream(3, 0.5, None, torch.float32)
@@ -185,7 +203,7 @@ def test_cpu_results_independent_of_thread_count():
             assert torch.equal(a, b)
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(capability):
     c = _case((4, 4, 16, 16))
     args = _loss_args(c, torch.float32, torch.float32)
     strided = [a.transpose(-1, -2) for a in args[:4]]  # same values, non-contiguous layout
@@ -212,7 +230,7 @@ def test_expanded_upstream_gradient():
     assert torch.equal(got, want)
 
 
-def test_extreme_lambda_gives_no_nan():
+def test_extreme_lambda_gives_no_nan(capability):
     """SPEC §8: lambda in {0, 1} without clipping may give inf weights, never NaN, and a g = 0 term adds nothing."""
     c = _case((2, 4, 32, 32))
     args = _loss_args(c, torch.float32, torch.float32)
@@ -223,13 +241,110 @@ def test_extreme_lambda_gives_no_nan():
         assert not ext.siss_loss_backward(g_x, g_a, fwd[2], fwd[3], *args).isnan().any()
 
 
-def test_weight_clip_bounds_weights():
+def test_weight_clip_bounds_weights(capability):
     c = _case((4, 3, 8, 8))
     args = _loss_args(c, torch.float32, torch.float32)
     _, _, w_x, w_a = ext.siss_loss_forward(*args, 0.0, 3.0)
     assert (w_x <= 3.0).all() and (w_a <= 3.0).all()
     _, _, w_x, w_a = ext.siss_loss_forward(*args, 0.25, None)  # 0 < lambda < 1: w_x <= 1/(1-lambda), w_a <= 1/lambda
     assert (w_x <= 1 / 0.75 * (1 + 1e-6)).all() and (w_a <= 4.0 * (1 + 1e-6)).all()
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_cpu_dispatch_picks_the_widest_supported_build():
+    supported = ext.supported_cpu_capabilities()
+    assert supported[0] == "default" and set(supported) <= {"default", "avx2", "avx512"}
+    info = ext.build_info()
+    assert info["cpu_capability"] in supported and info["cpu_capabilities"] == supported
+    if os.environ.get("SISS_FAST_CPU_CAPABILITY") is None:  # automatic: AVX2 if available (AVX-512 on request)
+        assert ext.cpu_capability() == ("avx2" if "avx2" in supported else "default")
+    # setup.py builds the AVX kernels on x86-64: a capable CPU must find them (a build that silently lost them
+    # would run the baseline kernels, several times slower).
+    flags = _cpu_flags()
+    if platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux"):
+        if {"avx2", "fma"} <= flags:
+            assert "avx2" in supported
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+            assert "avx512" in supported
+
+
+def test_set_cpu_capability_rejects_unknown_names():
+    before = ext.cpu_capability()
+    with pytest.raises(ValueError, match="sse9"):
+        ext.set_cpu_capability("sse9")
+    assert ext.cpu_capability() == before
+
+
+def test_cpu_capability_environment_override():
+    code = "from siss_fast import _extension as e; print(e.cpu_capability())"
+    env = {**os.environ, "SISS_FAST_CPU_CAPABILITY": "default"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "default"
+
+
+def test_cpu_capabilities_agree_to_rounding():
+    c = _case((3, 4, 64, 64))
+    args = _loss_args(c, torch.float32, torch.float32)
+    oracle = ref.siss_loss_forward(*[a.double() for a in args], 0.5, None)
+    g_x, g_a = _upstream(3, 0.5, None, torch.float32)
+    dpred_oracle = ref.siss_loss_backward(g_x.double(), g_a.double(), oracle[2], oracle[3],
+                                          *[a.double() for a in args])
+    before = ext.cpu_capability()
+    try:
+        for name in CAPABILITIES:
+            ext.set_cpu_capability(name)
+            got = ext.siss_loss_forward(*args, 0.5, None)
+            for g, o in zip(got, oracle):
+                assert _max_rel(g, o) <= 1e-5, name
+            dpred = ext.siss_loss_backward(g_x, g_a, got[2], got[3], *args)
+            err = (dpred.double() - dpred_oracle).abs().max().item() / dpred_oracle.abs().max().item()
+            assert err <= 1e-5, name  # SPEC §9 fp32 bar
+    finally:
+        ext.set_cpu_capability(before)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_weight_clip_applies_after_exponentiation(dtype, capability):
+    """The clip bounds the weight itself (w = min(exp(log w), clip), clip rounded to the accumulation dtype): a
+    clipped weight is never above the clip, even by the rounding of exp(log(clip)), and an overflow is clipped."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (8, 4, 16, 16)
+    x0, a0, noise = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = torch.randint(100, 900, (shape[0],), generator=gen)
+    alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    gamma, sigma = alphas_cumprod[t].sqrt(), (1 - alphas_cumprod[t]).sqrt()
+    mask = torch.ones(shape[0], dtype=torch.bool)  # forget samples: delta > 0, so w_a > 1 at lambda = 0.1
+    m = ref.mixture_noise(x0, a0, noise, gamma, sigma, mask)
+    pred = noise + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    acc = dtype
+    args = (pred.to(dtype), m.to(dtype), x0.to(dtype), a0.to(dtype), gamma.to(acc), sigma.to(acc))
+    _, _, _, w_a_free = ext.siss_loss_forward(*args, 0.1, None)
+    assert (w_a_free > 1.05).all(), "precondition: every unclipped w_a exceeds the clip"
+    ell_x, ell_a, w_x, w_a = ext.siss_loss_forward(*args, 0.1, 1.05)
+    assert w_x.dtype == dtype
+    assert (w_x <= 1.05).all() and (w_a <= 1.05).all()
+    assert torch.equal(w_a, torch.full_like(w_a, 1.05))  # clipped to the clip rounded to the dtype, exactly
+    want = ref.siss_loss_forward(*args, 0.1, 1.05)
+    assert torch.equal(w_a, want[3]) and _max_rel(w_x, want[2]) <= 1e-5
+    # lambda = 0 without a bound on w_a = e^delta: a delta this large overflows exp even in fp64; the clip holds.
+    far = (pred.to(dtype), m.to(dtype), (x0 + 1e3).to(dtype), a0.to(dtype), gamma.to(acc), sigma.to(acc))
+    _, _, _, w_a_inf = ext.siss_loss_forward(*far, 0.0, None)
+    assert torch.isinf(w_a_inf).all()
+    _, ell_a, _, w_a = ext.siss_loss_forward(*far, 0.0, 5.0)
+    assert torch.equal(w_a, torch.full_like(w_a, 5.0)) and torch.isfinite(ell_a).all()
 
 
 def test_direct_op_call_rejects_bad_arguments():

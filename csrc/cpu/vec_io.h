@@ -4,7 +4,15 @@
 // contributions, so a zero-filled lane never changes a sum.
 //
 // Also the fixed work grid that makes the CPU results independent of the thread count.
+//
+// Included only by the kernel sources (csrc/cpu/*_kernel.cpp), which setup.py compiles once per CPU capability
+// with SISS_CPU_CAPABILITY and ATen's CPU_CAPABILITY macros defined on the command line (see kernels.h): every
+// definition here lives in the namespace of that capability, so the builds never share a symbol.
 #pragma once
+
+#if !defined(SISS_CPU_CAPABILITY) || !defined(CPU_CAPABILITY)
+#error "compile the CPU kernels through setup.py: it defines SISS_CPU_CAPABILITY and CPU_CAPABILITY"
+#endif
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -16,6 +24,7 @@
 
 namespace siss_fast {
 namespace cpu {
+namespace SISS_CPU_CAPABILITY {
 
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
@@ -55,7 +64,11 @@ inline Vec<acc_t> load_partial(const T* ptr, int64_t count) {
 template <typename acc_t, typename T>
 inline void store(T* ptr, const Vec<acc_t>& v, int64_t count) {
   if constexpr (std::is_same_v<T, acc_t>) {
-    v.store(ptr, count);
+    if (count == Vec<acc_t>::size()) {
+      v.store(ptr);
+    } else {
+      v.store(ptr, count);
+    }
   } else {
     acc_t buffer[Vec<acc_t>::size()];
     v.store(buffer);
@@ -95,5 +108,6 @@ inline void for_each_chunk(int64_t batch, int64_t numel, const Body& body) {
   });
 }
 
+}  // namespace SISS_CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace siss_fast

@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(
   TORCH_CHECK(!weight_clip.has_value() || *weight_clip > 0.0, op, ": weight_clip must be > 0, got ", *weight_clip);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const Prepared t = prepare_loss_args(pred_in, noisy_in, x0_in, a0_in, gamma_in, sigma_in, op);
-  const WeightParams params = make_weight_params(lambd, weight_clip);
+  const WeightParams params = make_weight_params(lambd, weight_clip, t.gamma.scalar_type());
   const auto vec_options = t.gamma.options();
   at::Tensor ell_x = at::empty({t.batch}, vec_options), ell_a = at::empty({t.batch}, vec_options);
   at::Tensor w_x = at::empty({t.batch}, vec_options), w_a = at::empty({t.batch}, vec_options);

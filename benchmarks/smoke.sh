@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Smoke pass of every benchmark on tiny sizes (seconds): they must run end to end and write their results.
+#   bash benchmarks/smoke.sh VENV_DIR        (.ci/run calls: bash benchmarks/smoke.sh .venv)
+# Exits non-zero when a script fails, a provider errors (an "error" row), or a results file is missing or malformed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:?usage: bash benchmarks/smoke.sh VENV_DIR}"
+VENV="$(cd "$VENV" && pwd)"
+PY="$VENV/bin/python"
+[ -x "$PY" ] || { echo "smoke.sh: no python at $PY" >&2; exit 2; }
+
+# An installed siss_fast (the CI venv's wheel) is used as installed; a bare checkout is imported in place.
+if ! (cd / && "$PY" -c "import siss_fast" 2>/dev/null); then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+OUTDIR="$(mktemp -d "${TMPDIR:-/tmp}/siss-bench-smoke.XXXXXX")"
+trap 'rm -rf "$OUTDIR"' EXIT
+DEVICE="${SMOKE_DEVICE:-cpu}"
+start=$(date +%s)
+
+for bench in benchmarks/bench_*.py; do
+  name="$(basename "$bench" .py)"
+  echo "--- $name --tiny --device $DEVICE"
+  "$PY" "$bench" --tiny --device "$DEVICE" --threads 2 --out "$OUTDIR/$name.json" > "$OUTDIR/$name.log" 2>&1 || {
+    cat "$OUTDIR/$name.log"; echo "smoke.sh: $name failed" >&2; exit 1; }
+  tail -n 3 "$OUTDIR/$name.log"
+  "$PY" - "$OUTDIR/$name.json" <<'PYEOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+rows = doc["rows"]
+assert rows, "no rows"
+assert doc["header"].get("torch") and doc["header"].get("git_revision"), "header incomplete"
+bad = [r for r in rows if r["status"] == "error"]
+assert not bad, f"error rows: {bad}"
+timed = [r for r in rows if r["status"] == "ok"]
+assert timed and all(r["median_ms"] > 0 for r in timed), "no timed rows"
+print(f"    {len(rows)} rows, {len(timed)} timed, JSON ok")
+PYEOF
+  [ -s "$OUTDIR/$name.md" ] || { echo "smoke.sh: $name wrote no markdown table" >&2; exit 1; }
+done
+
+echo "--- gpu_oracle_check.py --tiny on the CPU (the script gpu_suite.sh runs; cpp backend here)"
+"$PY" benchmarks/gpu_oracle_check.py --device cpu --backends cpp,torch --tiny --out "$OUTDIR/oracle.json" \
+  || { echo "smoke.sh: gpu_oracle_check.py failed" >&2; exit 1; }
+
+if "$PY" -c "import pytest, pytest_benchmark" 2>/dev/null; then
+  echo "--- pytest benchmarks/ --benchmark-only (tiny)"
+  # the venv's pytest entry point, not `python -m pytest`, which would put the checkout ahead of an installed wheel
+  PYTEST=("$PY" -m pytest); [ -x "$VENV/bin/pytest" ] && PYTEST=("$VENV/bin/pytest")
+  SISS_FAST_BENCH_TINY=1 "${PYTEST[@]}" benchmarks/ --benchmark-only -q -p no:cacheprovider \
+    --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 3
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "smoke.sh: pytest-benchmark run failed (rc=$rc)" >&2; exit 1; }
+else
+  echo "--- pytest-benchmark not installed in $VENV: skipping the pytest integration (pip install pytest-benchmark)"
+fi
+echo "benchmark smoke pass ok ($(( $(date +%s) - start )) s)"

@@ -1,0 +1,209 @@
+// CPU fused SISS loss kernels, forward and backward (SPEC §4, siss_fast/reference.py); compiled once per CPU
+// capability (kernels.h), entered from csrc/cpu/siss_loss.cpp through the dispatch table.
+//
+// Per element, with u_x = m - gamma*x0 and u_a = m - gamma*a0 (one fma each):
+//   pred - eps_x = pred - u_x / sigma,   pred - eps_a = pred - u_a / sigma
+//   delta term   = gamma*(a0 - x0) * (u_x + u_a)     [= gamma*(a0-x0)*(2m - gamma*(x0+a0))]
+// gamma*(a0 - x0) is formed from the inputs, not as u_x - u_a: at large t (gamma ~ 0.006) u_x and u_a are nearly
+// equal and their difference would cancel. Delta is one sum of these per-element differences (never d_x - d_a
+// from two large sums), accumulated in fp32 (fp64 for fp64 inputs) per lane and per fixed chunk; chunk partials
+// are combined in double in chunk order. 1/sigma is multiplied, not divided, per element.
+#include <vector>
+
+#include "kernels.h"
+#include "vec_io.h"
+
+namespace siss_fast {
+namespace cpu {
+namespace SISS_CPU_CAPABILITY {
+namespace {
+
+// The three per-element quantities of the forward pass, accumulated lane-wise.
+template <typename acc_t>
+struct ForwardAccumulator {
+  Vec<acc_t> delta{acc_t(0)};
+  Vec<acc_t> sse_x{acc_t(0)};
+  Vec<acc_t> sse_a{acc_t(0)};
+
+  inline void add(const Vec<acc_t>& p, const Vec<acc_t>& m, const Vec<acc_t>& x, const Vec<acc_t>& a,
+                  const Vec<acc_t>& g, const Vec<acc_t>& neg_g, const Vec<acc_t>& neg_inv_s) {
+    const Vec<acc_t> u_x = at::vec::fmadd(neg_g, x, m);
+    const Vec<acc_t> u_a = at::vec::fmadd(neg_g, a, m);
+    delta = at::vec::fmadd(g * (a - x), u_x + u_a, delta);
+    const Vec<acc_t> r_x = at::vec::fmadd(u_x, neg_inv_s, p);  // p - u/s
+    const Vec<acc_t> r_a = at::vec::fmadd(u_a, neg_inv_s, p);
+    sse_x = at::vec::fmadd(r_x, r_x, sse_x);
+    sse_a = at::vec::fmadd(r_a, r_a, sse_a);
+  }
+
+  inline void merge(const ForwardAccumulator& other) {
+    delta = delta + other.delta;
+    sse_x = sse_x + other.sse_x;
+    sse_a = sse_a + other.sse_a;
+  }
+};
+
+template <typename acc_t, typename pred_t, typename lat_t>
+void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc_t* ell_a, acc_t* w_x,
+             acc_t* w_a) {
+  constexpr int64_t width = Vec<acc_t>::size();
+  const auto* pred = static_cast<const pred_t*>(in.pred);
+  const auto* noisy = static_cast<const lat_t*>(in.noisy);
+  const auto* x0 = static_cast<const lat_t*>(in.x0);
+  const auto* a0 = static_cast<const lat_t*>(in.a0);
+  const auto* gamma = static_cast<const acc_t*>(in.gamma);
+  const auto* sigma = static_cast<const acc_t*>(in.sigma);
+  const int64_t batch = in.batch, numel = in.numel;
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  // partials[(b * chunks + c) * 3 + {0: delta, 1: sse_x, 2: sse_a}]
+  std::vector<acc_t> partials(static_cast<size_t>(batch * chunks * 3));
+
+  for_each_chunk(batch, numel, [&](int64_t b, int64_t c, int64_t lo, int64_t hi) {
+    const int64_t base = b * numel;
+    const pred_t* p = pred + base;
+    const lat_t* m = noisy + base;
+    const lat_t* x = x0 + base;
+    const lat_t* a = a0 + base;
+    const Vec<acc_t> g(gamma[b]);
+    const Vec<acc_t> neg_g(-gamma[b]);
+    const Vec<acc_t> neg_inv_s(-(acc_t(1) / sigma[b]));
+    // Two independent accumulator sets (even / odd vectors) hide the fma latency of the running sums.
+    ForwardAccumulator<acc_t> even, odd;
+    int64_t i = lo;
+    for (; i + 2 * width <= hi; i += 2 * width) {
+      even.add(load_full<acc_t>(p + i), load_full<acc_t>(m + i), load_full<acc_t>(x + i), load_full<acc_t>(a + i),
+               g, neg_g, neg_inv_s);
+      const int64_t j = i + width;
+      odd.add(load_full<acc_t>(p + j), load_full<acc_t>(m + j), load_full<acc_t>(x + j), load_full<acc_t>(a + j),
+              g, neg_g, neg_inv_s);
+    }
+    for (; i + width <= hi; i += width) {
+      even.add(load_full<acc_t>(p + i), load_full<acc_t>(m + i), load_full<acc_t>(x + i), load_full<acc_t>(a + i),
+               g, neg_g, neg_inv_s);
+    }
+    if (i < hi) {
+      const int64_t n = hi - i;  // zero-filled lanes contribute exactly 0 to all three sums
+      odd.add(load_partial<acc_t>(p + i, n), load_partial<acc_t>(m + i, n), load_partial<acc_t>(x + i, n),
+              load_partial<acc_t>(a + i, n), g, neg_g, neg_inv_s);
+    }
+    even.merge(odd);
+    acc_t* out = partials.data() + (b * chunks + c) * 3;
+    out[0] = lane_sum<acc_t>(even.delta);
+    out[1] = lane_sum<acc_t>(even.sse_x);
+    out[2] = lane_sum<acc_t>(even.sse_a);
+  });
+
+  const double inv_numel = 1.0 / static_cast<double>(numel);
+  for (int64_t b = 0; b < batch; ++b) {
+    double sums[3] = {0.0, 0.0, 0.0};
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int k = 0; k < 3; ++k) {
+        sums[k] += static_cast<double>(partials[(b * chunks + c) * 3 + k]);
+      }
+    }
+    double lx, la, wx, wa;
+    finish_sample(sums[0], sums[1], sums[2], static_cast<double>(sigma[b]), inv_numel, params, &lx, &la, &wx, &wa);
+    ell_x[b] = static_cast<acc_t>(lx);
+    ell_a[b] = static_cast<acc_t>(la);
+    w_x[b] = static_cast<acc_t>(wx);
+    w_a[b] = static_cast<acc_t>(wa);
+  }
+}
+
+template <typename acc_t, typename pred_t, typename lat_t>
+void backward(const LossInputs& in, const acc_t* grad_x, const acc_t* grad_a, const acc_t* weight_x,
+              const acc_t* weight_a, pred_t* out) {
+  constexpr int64_t width = Vec<acc_t>::size();
+  const auto* pred = static_cast<const pred_t*>(in.pred);
+  const auto* noisy = static_cast<const lat_t*>(in.noisy);
+  const auto* x0 = static_cast<const lat_t*>(in.x0);
+  const auto* a0 = static_cast<const lat_t*>(in.a0);
+  const auto* gamma = static_cast<const acc_t*>(in.gamma);
+  const auto* sigma = static_cast<const acc_t*>(in.sigma);
+  const int64_t numel = in.numel;
+  const double two_over_numel = 2.0 / static_cast<double>(numel);
+  for_each_chunk(in.batch, numel, [&](int64_t b, int64_t /*chunk*/, int64_t lo, int64_t hi) {
+    const int64_t base = b * numel;
+    const pred_t* p = pred + base;
+    const lat_t* m = noisy + base;
+    const lat_t* x = x0 + base;
+    const lat_t* a = a0 + base;
+    pred_t* dst = out + base;
+    const Vec<acc_t> neg_g(-gamma[b]);
+    const Vec<acc_t> neg_inv_s(-(acc_t(1) / sigma[b]));
+    const acc_t cx = static_cast<acc_t>(backward_coefficient(grad_x[b], weight_x[b], two_over_numel));
+    const acc_t ca = static_cast<acc_t>(backward_coefficient(grad_a[b], weight_a[b], two_over_numel));
+    const Vec<acc_t> c_x(cx), c_a(ca);
+    // dpred = c_x * (pred - eps_x) + c_a * (pred - eps_a); a zero coefficient drops its term entirely, so an
+    // unused term never turns an infinite weight or residual into NaN.
+    const auto run = [&](auto use_x, auto use_a) {
+      const auto compute = [&](const Vec<acc_t>& pv, const Vec<acc_t>& mv, const Vec<acc_t>& xv,
+                               const Vec<acc_t>& av) {
+        Vec<acc_t> r(acc_t(0));
+        if constexpr (decltype(use_x)::value) {
+          r = c_x * at::vec::fmadd(at::vec::fmadd(neg_g, xv, mv), neg_inv_s, pv);
+        }
+        if constexpr (decltype(use_a)::value) {
+          r = at::vec::fmadd(c_a, at::vec::fmadd(at::vec::fmadd(neg_g, av, mv), neg_inv_s, pv), r);
+        }
+        return r;
+      };
+      int64_t i = lo;
+      for (; i + width <= hi; i += width) {
+        store<acc_t>(dst + i,
+                     compute(load_full<acc_t>(p + i), load_full<acc_t>(m + i),
+                             decltype(use_x)::value ? load_full<acc_t>(x + i) : Vec<acc_t>(acc_t(0)),
+                             decltype(use_a)::value ? load_full<acc_t>(a + i) : Vec<acc_t>(acc_t(0))),
+                     width);
+      }
+      if (i < hi) {
+        const int64_t n = hi - i;
+        store<acc_t>(dst + i,
+                     compute(load_partial<acc_t>(p + i, n), load_partial<acc_t>(m + i, n),
+                             load_partial<acc_t>(x + i, n), load_partial<acc_t>(a + i, n)),
+                     n);
+      }
+    };
+    // The common case (both terms used) has its own loop without branches; a term with c = 0 reads nothing.
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (cx != acc_t(0) && ca != acc_t(0)) {
+      run(yes{}, yes{});
+    } else if (cx != acc_t(0)) {
+      run(yes{}, no{});
+    } else if (ca != acc_t(0)) {
+      run(no{}, yes{});
+    } else {
+      run(no{}, no{});
+    }
+  });
+}
+
+}  // namespace
+
+void siss_loss_forward_kernel(const LossInputs& in, const WeightParams& params, void* ell_x, void* ell_a,
+                              void* w_x, void* w_a) {
+  dispatch_dtypes(in.pred_dtype, in.latent_dtype, "siss_fast::siss_loss_forward_ext",
+                  [&](auto pred_tag, auto lat_tag, auto acc_tag) {
+                    using acc_t = decltype(acc_tag);
+                    forward<acc_t, decltype(pred_tag), decltype(lat_tag)>(
+                        in, params, static_cast<acc_t*>(ell_x), static_cast<acc_t*>(ell_a), static_cast<acc_t*>(w_x),
+                        static_cast<acc_t*>(w_a));
+                  });
+}
+
+void siss_loss_backward_kernel(const LossInputs& in, const void* grad_x, const void* grad_a, const void* w_x,
+                               const void* w_a, void* out) {
+  dispatch_dtypes(in.pred_dtype, in.latent_dtype, "siss_fast::siss_loss_backward_ext",
+                  [&](auto pred_tag, auto lat_tag, auto acc_tag) {
+                    using acc_t = decltype(acc_tag);
+                    using pred_t = decltype(pred_tag);
+                    backward<acc_t, pred_t, decltype(lat_tag)>(
+                        in, static_cast<const acc_t*>(grad_x), static_cast<const acc_t*>(grad_a),
+                        static_cast<const acc_t*>(w_x), static_cast<const acc_t*>(w_a), static_cast<pred_t*>(out));
+                  });
+}
+
+}  // namespace SISS_CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace siss_fast
