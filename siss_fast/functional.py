@@ -84,7 +84,7 @@ def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: T
     C.check_same_device({**tensors, "gamma": gamma, "sigma": sigma, "mask": mask})
     C.check_sigma_positive(s)
     x0, a0, noise = (t.to(dtype) for t in tensors.values())
-    return ops.mixture_noise(x0, a0, noise, g, s, m.contiguous())
+    return ops.call_mixture_noise(x0, a0, noise, g, s, m.contiguous())
 
 
 def _prepare_loss_inputs(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip):
@@ -136,7 +136,7 @@ def importance_weights(
         noisy, noisy, x0, a0, gamma, sigma, lambd, weight_clip
     )
     with torch.no_grad():
-        _, _, w_x, w_a = ops.siss_loss(noisy, noisy, x0, a0, g, s, lambd, weight_clip)
+        _, _, w_x, w_a = ops.call_siss_loss(noisy, noisy, x0, a0, g, s, lambd, weight_clip)
     return w_x, w_a
 
 
@@ -169,7 +169,7 @@ def siss_loss(
     """
     reduction = C.check_reduction(reduction)
     args = _prepare_loss_inputs(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip)
-    ell_x, ell_a, w_x, w_a = ops.siss_loss(*args)
+    ell_x, ell_a, w_x, w_a = ops.call_siss_loss(*args)
     if reduction == "mean":
         ell_x, ell_a = ell_x.mean(), ell_a.mean()
     elif reduction == "sum":
