@@ -1,0 +1,503 @@
+"""Run configuration: YAML -> typed dataclasses, ``key=value`` overrides, validation before any model loads.
+
+A config file is a YAML mapping with the sections below (every key optional except the data folders and a model)::
+
+    model:      {path: DIR | build: tiny-ddpm | tiny-sd, allow_pickle: false, channels: 3, image_size: 16, seed: 0}
+    data:       {retain_dir: DIR, forget_dir: DIR, captions: FILE, retain_prompt: STR, forget_prompt: STR,
+                 train_size: N}
+    method:     {name: siss, lambd: 0.5, weight_clip: null, t_range: null, retain_source: complement}
+    gradient:   {rule: null (the method's rule), scaling_norm: auto, max_forget_scale: 1e4, max_grad_norm: 1.0,
+                 mode: exact, partitioned: true, lag_every: 10, eta: 0.1, max_consecutive_skips: 10}
+    train:      {steps: 100, batch_size: 8, accumulation_steps: 1, lr: 5e-5, weight_decay: 0.01, betas: [0.9, 0.999],
+                 eps: 1e-8, lr_schedule: constant, warmup_steps: 0, mixed_precision: "no", gradient_checkpointing: false,
+                 compile: false, seed: 0, device: auto, cpu_threads: null}
+    checkpoint: {every: 0, keep_last: 2, resume: null | latest | DIR}
+    validation: {every: 10, num_samples: 32, sampler_steps: 25, seed: 0, ... stop rules, see ValidationConfig}
+    log:        {progress: true, tensorboard: false}
+    output_dir: runs/unlearn
+
+Overrides are dotted keys (``train.lr=1e-4``) with YAML-parsed values; shortcuts: ``model=PATH``, ``steps=N``,
+``output_dir=PATH``, ``checkpoint_every=N``, ``resume=latest``, ``method=NAME``, ``batch_size=N``, ``lr=X``.
+Every violation raises :class:`ConfigError` naming the key (or the file) and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+__all__ = ["ConfigError", "EngineConfig", "load_config", "parse_overrides", "to_dict", "SHORTCUTS"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, found before any model loads. The message names the key or file."""
+
+
+BUILDS = ("tiny-ddpm", "tiny-sd")
+METHODS = ("siss", "siss_nois", "naive", "neggrad", "erasediff", "bernoulli")
+RULES = ("rescale", "clip", "erasediff")
+PRECISIONS = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+SHORTCUTS = {
+    "model": "model.path",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "device": "train.device",
+    "checkpoint_every": "checkpoint.every",
+    "resume": "checkpoint.resume",
+    "method": "method.name",
+    "validation_every": "validation.every",
+}
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # local diffusers folder (DDPM pipeline/UNet folder, or SD pipeline folder)
+    build: Optional[str] = None  # tiny-ddpm | tiny-sd: random weights from a config (examples, tests)
+    allow_pickle: bool = False  # accept .bin/.ckpt/.pt weights (loaded with weights_only=True)
+    channels: int = 3  # build only: image channels (tiny-ddpm: 1 or 3)
+    image_size: int = 16  # build only: image side in pixels
+    seed: int = 0  # build only: weight initialisation
+
+
+@dataclass
+class DataConfig:
+    retain_dir: str = ""
+    forget_dir: str = ""
+    captions: Optional[str] = None  # JSON {file name: caption} or lines "file name<TAB>caption"
+    retain_prompt: Optional[str] = None  # one prompt for every retain image (SD)
+    forget_prompt: Optional[str] = None  # one prompt for every forget image (SD)
+    train_size: Optional[int] = None  # n = |X| for retain_source=full (default: retain + forget images)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "siss"
+    lambd: Optional[float] = None  # siss (default 0.5), bernoulli
+    weight_clip: Optional[float] = None  # siss only
+    t_range: Optional[List[int]] = None  # inclusive [t_min, t_max]; default the whole range
+    retain_source: str = "complement"  # complement | full
+
+
+@dataclass
+class GradientConfig:
+    rule: Optional[str] = None  # rescale | clip | erasediff; default: the method's (objectives.RULE_HINTS)
+    scaling_norm: Union[float, str] = "auto"  # c, or auto = 0.1 * |G_x| of the first step
+    max_forget_scale: Optional[float] = 1e4
+    max_grad_norm: Optional[float] = 1.0
+    mode: str = "exact"  # exact | lagged (approximation: one backward with the last measured coefficient)
+    partitioned: bool = True  # siss, exact: pure-retain / pure-forget / mixed groups (about one backward)
+    lag_every: int = 10
+    eta: float = 0.1  # erasediff
+    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # per process and micro-batch
+    accumulation_steps: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast; fp32 master weights)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cpu_threads: Optional[int] = None  # torch.set_num_threads for the run (null: torch's default)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: no periodic checkpoints
+    keep_last: int = 2
+    resume: Optional[str] = None  # null | latest | a checkpoint folder
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 10  # 0: no validation (then no stop rules, the final model is the end state)
+    num_samples: int = 32
+    sampler_steps: int = 25  # DDIM steps
+    seed: int = 0
+    batch_size: int = 16
+    guidance_scale: float = 1.0  # SD: classifier-free guidance (1 = off)
+    prompt: Optional[str] = None  # SD: default the forget prompt (of the first forget image)
+    metrics: List[str] = field(default_factory=lambda: ["forget_distance", "retain_distance"])
+    metric_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    forget_metric: Optional[str] = "forget_distance"
+    forget_target: float = 0.1  # met when forget_metric <= target (>= if the metric is higher-is-better)
+    quality_metric: Optional[str] = "retain_distance"
+    quality_tolerance: float = 0.25  # guard trips when quality worsens by more than this fraction of the baseline
+    stop_on_target: bool = True
+    stop_on_guard: bool = True
+    min_steps: int = 1  # no stop rule before this step
+    grids: bool = True
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/unlearn"
+    config_dir: str = field(default=".", metadata={"internal": True})  # relative paths resolve against it
+
+
+# ------------------------------------------------------------------------------------------ parsing and types
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (dict, Dict):
+        return "a mapping"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats); raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+    elif origin in (list, List):
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(tp)
+            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    elif origin in (dict, Dict):
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if dataclasses.is_dataclass(cls) and not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key; valid keys{' of ' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """``["train.lr=1e-4", "steps=5"]`` -> nested dict (values parsed as YAML; shortcuts expanded)."""
+    import yaml
+
+    nested: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. steps=50, train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        key = SHORTCUTS.get(key.strip(), key.strip())
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from None
+        if key == "model.path":
+            nested.setdefault("model", {})["build"] = None  # a path replaces a build recipe
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(cfg: EngineConfig) -> Dict[str, Any]:
+    """The resolved config as plain data (written to the run folder and the manifest)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("config_dir", None)
+    return d
+
+
+def load_config(source: Union[str, os.PathLike, Dict[str, Any], None] = None, overrides: Sequence[str] = (),
+                *, check_files: bool = True) -> EngineConfig:
+    """Read a YAML file (or a dict), apply ``key=value`` overrides, type-check and validate.
+
+    Relative paths in the file resolve against the file's folder. ``check_files`` also opens the image folders
+    and captions (sizes, readability) and reads the model's JSON configs -- still before any weights load.
+    """
+    import yaml
+
+    config_dir = Path.cwd()
+    if source is None:
+        data: Dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r}: not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+        config_dir = path.resolve().parent
+    model = data.get("model")
+    if isinstance(model, str):  # `model: PATH` shorthand
+        data["model"] = {"path": model}
+    data = _merge(data, parse_overrides(overrides))
+    cfg = _build(EngineConfig, data, "")
+    cfg.config_dir = str(config_dir)
+    cfg = _resolve_paths(cfg, Path.cwd() if overrides else config_dir, data, overrides)
+    validate(cfg, check_files=check_files)
+    return cfg
+
+
+def _resolve_paths(cfg: EngineConfig, cwd: Path, data: Dict[str, Any], overrides: Sequence[str]) -> EngineConfig:
+    """File paths from the config file resolve against its folder; paths given on the command line against cwd."""
+    base = Path(cfg.config_dir)
+    from_cli = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        from_cli.add(SHORTCUTS.get(key, key))
+
+    def fix(section: Any, name: str, dotted: str) -> None:
+        value = getattr(section, name)
+        if value and not os.path.isabs(value) and not (dotted == "checkpoint.resume" and value == "latest"):
+            root = Path.cwd() if dotted in from_cli else base
+            setattr(section, name, str((root / value).resolve()))
+
+    fix(cfg.model, "path", "model.path")
+    fix(cfg.data, "retain_dir", "data.retain_dir")
+    fix(cfg.data, "forget_dir", "data.forget_dir")
+    fix(cfg.data, "captions", "data.captions")
+    fix(cfg.checkpoint, "resume", "checkpoint.resume")
+    fix(cfg, "output_dir", "output_dir")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _positive(key: str, value: Optional[float], *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None:
+        _require(allow_none, key, "expected a number, got null")
+        return
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    _require(ok, key, f"expected a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
+    """Range and consistency checks; with ``check_files`` also the model folder's JSON and the image folders."""
+    m, g, t, v = cfg.method, cfg.gradient, cfg.train, cfg.validation
+
+    # model
+    _require((cfg.model.path is None) != (cfg.model.build is None), "model",
+             f"expected exactly one of model.path (a local diffusers folder) or model.build ({', '.join(BUILDS)}), "
+             f"got path={cfg.model.path!r}, build={cfg.model.build!r}")
+    if cfg.model.build is not None:
+        _require(cfg.model.build in BUILDS, "model.build", f"expected one of {BUILDS}, got {cfg.model.build!r}")
+        ch = (1, 3) if cfg.model.build == "tiny-ddpm" else (3,)
+        _require(cfg.model.channels in ch, "model.channels", f"expected one of {ch}, got {cfg.model.channels}")
+        _require(cfg.model.image_size >= 8 and cfg.model.image_size % 8 == 0, "model.image_size",
+                 f"expected a multiple of 8 >= 8, got {cfg.model.image_size}")
+
+    # method
+    _require(m.name in METHODS, "method.name", f"expected one of {METHODS}, got {m.name!r}")
+    if m.lambd is not None:
+        _require(m.name in ("siss", "bernoulli"), "method.lambd", f"only siss and bernoulli take it, not {m.name!r}")
+        lo_ok = m.lambd >= 0 if m.name == "siss" else m.lambd > 0
+        hi_ok = m.lambd <= 1 if m.name == "siss" else m.lambd < 1
+        _require(lo_ok and hi_ok, "method.lambd",
+                 f"expected {'0 <= lambd <= 1' if m.name == 'siss' else '0 < lambd < 1'}, got {m.lambd}")
+    if m.weight_clip is not None:
+        _require(m.name == "siss", "method.weight_clip", f"only siss takes it, not {m.name!r}")
+        _positive("method.weight_clip", m.weight_clip)
+    if m.t_range is not None:
+        _require(len(m.t_range) == 2 and 0 <= m.t_range[0] <= m.t_range[1], "method.t_range",
+                 f"expected [t_min, t_max] with 0 <= t_min <= t_max, got {m.t_range}")
+    _require(m.retain_source in ("complement", "full"), "method.retain_source",
+             f"expected complement or full, got {m.retain_source!r}")
+    if m.retain_source == "full":
+        _require(m.name in ("siss", "siss_nois", "neggrad", "bernoulli"), "method.retain_source",
+                 f"'full' applies to siss, siss_nois, neggrad, bernoulli, not {m.name!r}")
+
+    # gradient
+    if g.rule is not None:
+        _require(g.rule in RULES, "gradient.rule", f"expected one of {RULES} or null, got {g.rule!r}")
+    if isinstance(g.scaling_norm, str):
+        _require(g.scaling_norm == "auto", "gradient.scaling_norm",
+                 f"expected a number > 0 or 'auto', got {g.scaling_norm!r}")
+    else:
+        _positive("gradient.scaling_norm", g.scaling_norm)
+    _positive("gradient.max_forget_scale", g.max_forget_scale, allow_none=True)
+    _positive("gradient.max_grad_norm", g.max_grad_norm, allow_none=True)
+    _require(g.mode in ("exact", "lagged"), "gradient.mode", f"expected exact or lagged, got {g.mode!r}")
+    _require(g.lag_every >= 1, "gradient.lag_every", f"expected an integer >= 1, got {g.lag_every}")
+    _positive("gradient.eta", g.eta, allow_zero=True)
+    _require(g.max_consecutive_skips >= 1, "gradient.max_consecutive_skips",
+             f"expected an integer >= 1, got {g.max_consecutive_skips}")
+
+    # train
+    for key, value in (("steps", t.steps), ("batch_size", t.batch_size), ("accumulation_steps", t.accumulation_steps)):
+        _require(value >= 1, f"train.{key}", f"expected an integer >= 1, got {value}")
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.eps", t.eps)
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",
+             f"expected [beta1, beta2] in [0, 1), got {t.betas}")
+    _require(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"expected one of {LR_SCHEDULES}, got {t.lr_schedule!r}")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"expected an integer >= 0, got {t.warmup_steps}")
+    _require(t.mixed_precision in PRECISIONS, "train.mixed_precision",
+             f"expected one of {PRECISIONS}, got {t.mixed_precision!r}")
+    _require(t.cpu_threads is None or t.cpu_threads >= 1, "train.cpu_threads",
+             f"expected null or an integer >= 1, got {t.cpu_threads}")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+             f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+    # checkpoint
+    c = cfg.checkpoint
+    _require(c.every >= 0, "checkpoint.every", f"expected an integer >= 0 (0 = off), got {c.every}")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", f"expected an integer >= 1, got {c.keep_last}")
+    if c.resume not in (None, "latest"):
+        _require(os.path.isdir(c.resume), "checkpoint.resume",
+                 f"expected null, 'latest' or an existing checkpoint folder, got {c.resume!r}")
+
+    # validation and its metrics (importing user functions is cheap and catches typos before the model loads)
+    _require(v.every >= 0, "validation.every", f"expected an integer >= 0 (0 = off), got {v.every}")
+    for key in ("num_samples", "sampler_steps", "batch_size"):
+        _require(getattr(v, key) >= 1, f"validation.{key}", f"expected an integer >= 1, got {getattr(v, key)}")
+    _positive("validation.guidance_scale", v.guidance_scale)
+    _positive("validation.quality_tolerance", v.quality_tolerance, allow_zero=True)
+    _require(v.min_steps >= 0, "validation.min_steps", f"expected an integer >= 0, got {v.min_steps}")
+    if True:  # metric names are checked even when validation is off: a typo should not wait for a later run
+        from .validation import check_metric_name
+
+        for i, name in enumerate(v.metrics):
+            try:
+                check_metric_name(name)
+            except ValueError as exc:
+                raise ConfigError(f"validation.metrics[{i}]: {exc}") from None
+        for key in ("forget_metric", "quality_metric"):
+            name = getattr(v, key)
+            _require(name is None or name in v.metrics, f"validation.{key}",
+                     f"expected null or one of validation.metrics {v.metrics}, got {name!r}")
+        for name in v.metric_options:
+            _require(name in v.metrics, "validation.metric_options",
+                     f"options for {name!r}, which is not in validation.metrics {v.metrics}")
+
+    # data (and the model's expected image size) -- reads only headers and JSON
+    _require(bool(cfg.data.retain_dir), "data.retain_dir", "expected a folder of retain images, got nothing")
+    _require(bool(cfg.data.forget_dir), "data.forget_dir", "expected a folder of forget images, got nothing")
+    if cfg.data.train_size is not None:
+        _require(cfg.data.train_size >= 2, "data.train_size", f"expected an integer >= 2, got {cfg.data.train_size}")
+    if not check_files:
+        return
+    from . import data as data_mod
+    from . import models as models_mod
+
+    try:
+        info = models_mod.peek_model(cfg.model)
+    except models_mod.ModelError as exc:
+        raise ConfigError(f"model.path: {exc}") from None
+    if m.t_range is not None:
+        _require(m.t_range[1] < info.num_timesteps, "method.t_range",
+                 f"expected t_max < {info.num_timesteps} (the scheduler's timesteps), got {m.t_range}")
+    retain = data_mod.scan_folder(cfg.data.retain_dir, "data.retain_dir")
+    forget = data_mod.scan_folder(cfg.data.forget_dir, "data.forget_dir")
+    for key, scan in (("data.retain_dir", retain), ("data.forget_dir", forget)):
+        if info.image_size is not None and scan.size != (info.image_size, info.image_size):
+            raise ConfigError(f"{key}: images are {scan.size[0]}x{scan.size[1]}, the model expects "
+                              f"{info.image_size}x{info.image_size} (e.g. {scan.files[0]})")
+    _require(retain.size == forget.size, "data.forget_dir",
+             f"images are {forget.size[0]}x{forget.size[1]}, the retain images {retain.size[0]}x{retain.size[1]}")
+    n = cfg.data.train_size
+    if n is not None:
+        _require(n > len(forget.files), "data.train_size",
+                 f"expected n > the number of forget images ({len(forget.files)}), got {n}")
+    if info.kind == "sd":
+        try:
+            data_mod.resolve_prompts(cfg.data, retain.files, forget.files)
+        except data_mod.DataError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        for key in ("captions", "retain_prompt", "forget_prompt"):
+            _require(getattr(cfg.data, key) is None, f"data.{key}",
+                     "a pixel DDPM is unconditional: expected null (prompts are for Stable Diffusion)")
+        _require(v.prompt is None, "validation.prompt", "a pixel DDPM is unconditional: expected null")
+
+
+def describe(cfg: EngineConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, default=str)

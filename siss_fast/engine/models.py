@@ -1,0 +1,294 @@
+"""Loading diffusion models offline, and building tiny ones with random weights.
+
+* Pixel DDPM: a diffusers folder holding ``unet/`` (``UNet2DModel``) and ``scheduler/``, or a bare ``UNet2DModel``
+  folder (``config.json`` + weights; the scheduler from ``scheduler_config.json`` there, else DDPM defaults).
+* Stable Diffusion: a pipeline folder with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``.
+
+Loading never touches the network (``HF_HUB_OFFLINE=1`` is set before diffusers/transformers are imported,
+``local_files_only=True``) and reads safetensors only. Pickle files (``.bin``, ``.ckpt``, ``.pt``) are refused unless
+``allow_pickle: true``; then they are read with ``torch.load(weights_only=True)``.
+
+The tiny builders (``tiny-ddpm``, ``tiny-sd``) make random-weight models from configs, save them as a diffusers
+folder (the SD tokenizer is a byte-level BPE written here: the 256-byte base vocabulary, its end-of-word forms and a
+few merges) and the engine loads that folder back through the same code as any user model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers / transformers are imported anywhere below
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+__all__ = ["ModelError", "ModelInfo", "LoadedModel", "peek_model", "load_model", "build_tiny", "save_final",
+           "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelError(ValueError):
+    """The folder is not a loadable diffusers model (the message says what is missing)."""
+
+
+@dataclass
+class ModelInfo:
+    kind: str  # "ddpm" | "sd"
+    image_size: Optional[int]  # pixels, if the configs say
+    channels: int  # image channels
+    num_timesteps: int
+
+
+@dataclass
+class LoadedModel:
+    kind: str
+    path: Path
+    unet: Any
+    scheduler: Any
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+
+    @property
+    def image_channels(self) -> int:
+        return self.unet.config.in_channels if self.kind == "ddpm" else self.vae.config.in_channels
+
+    @property
+    def vae_scale(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {str(path)!r}: {exc}") from None
+
+
+def _layout(path: Path) -> str:
+    """``"sd"``, ``"ddpm"`` (pipeline folder with unet/ + scheduler/) or ``"unet"`` (a bare UNet2DModel folder)."""
+    if not path.is_dir():
+        raise ModelError(f"{str(path)!r} is not a folder")
+    if all((path / c).is_dir() for c in SD_COMPONENTS):
+        return "sd"
+    if (path / "unet" / "config.json").is_file():
+        cls = _read_json(path / "unet" / "config.json").get("_class_name")
+        if cls == "UNet2DConditionModel":
+            missing = [c for c in SD_COMPONENTS if not (path / c).is_dir()]
+            raise ModelError(f"{str(path)!r} has a UNet2DConditionModel but lacks {missing} of a Stable Diffusion "
+                             "pipeline folder")
+        return "ddpm"
+    if (path / "config.json").is_file() and _read_json(path / "config.json").get("_class_name") == "UNet2DModel":
+        return "unet"
+    raise ModelError(f"{str(path)!r} is not a diffusers model folder: expected unet/ + scheduler/ (pixel DDPM), "
+                     f"{', '.join(c + '/' for c in SD_COMPONENTS)} (Stable Diffusion) or a UNet2DModel config.json")
+
+
+def peek_model(model_cfg: Any) -> ModelInfo:
+    """Kind, image size and timestep count from the JSON configs only (no weights): for config validation."""
+    if model_cfg.build is not None:
+        return ModelInfo("ddpm" if model_cfg.build == "tiny-ddpm" else "sd", model_cfg.image_size,
+                         model_cfg.channels, 1000)
+    path = Path(model_cfg.path)
+    layout = _layout(path)
+    unet_dir = path if layout == "unet" else path / "unet"
+    unet_cfg = _read_json(unet_dir / "config.json")
+    sched_file = path / "scheduler_config.json" if layout == "unet" else path / "scheduler" / "scheduler_config.json"
+    steps = _read_json(sched_file).get("num_train_timesteps", 1000) if sched_file.is_file() else 1000
+    size = unet_cfg.get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if layout == "sd":
+        vae_cfg = _read_json(path / "vae" / "config.json")
+        factor = 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1)
+        return ModelInfo("sd", None if size is None else size * factor, vae_cfg.get("in_channels", 3), steps)
+    return ModelInfo("ddpm", size, unet_cfg.get("in_channels", 3), steps)
+
+
+def _weights_format(folder: Path, allow_pickle: bool) -> bool:
+    """True for safetensors; False for pickle (only with allow_pickle); raises otherwise."""
+    if any(folder.glob("*.safetensors")):
+        return True
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not allow_pickle:
+        raise ModelError(f"{str(folder)!r} holds only pickle weights {pickles}: convert them to safetensors, or set "
+                         "model.allow_pickle: true to load them with torch.load(weights_only=True)")
+    if not pickles:
+        raise ModelError(f"{str(folder)!r} holds no weights (*.safetensors)")
+    return False
+
+
+def _load_component(cls: Any, folder: Path, allow_pickle: bool) -> Any:
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{str(folder)!r}: missing config.json")
+    if _weights_format(folder, allow_pickle):
+        return cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    # pickle, explicitly allowed: build from the config and read the state dict with weights_only=True
+    weights = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if hasattr(cls, "from_config"):
+        model = cls.from_config(cls.load_config(str(folder)))
+    else:  # transformers
+        model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
+    state: Dict[str, Any] = {}
+    for w in weights:
+        state.update(torch.load(w, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(path: str, *, allow_pickle: bool = False) -> LoadedModel:
+    """Load a pixel DDPM or a Stable Diffusion pipeline folder (fp32, CPU, offline)."""
+    from diffusers import DDPMScheduler
+
+    root = Path(path)
+    layout = _layout(root)
+    if layout == "sd":
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        unet = _load_component(UNet2DConditionModel, root / "unet", allow_pickle)
+        vae = _load_component(AutoencoderKL, root / "vae", allow_pickle)
+        text_encoder = _load_component(CLIPTextModel, root / "text_encoder", allow_pickle)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        except Exception as exc:
+            raise ModelError(f"{str(root / 'tokenizer')!r}: cannot load the CLIP tokenizer: {exc}") from None
+        scheduler = DDPMScheduler.from_pretrained(str(root / "scheduler"), local_files_only=True)
+        return LoadedModel("sd", root, unet, scheduler, vae, text_encoder, tokenizer)
+    from diffusers import UNet2DModel
+
+    unet_dir = root if layout == "unet" else root / "unet"
+    unet = _load_component(UNet2DModel, unet_dir, allow_pickle)
+    sched_dir = root if layout == "unet" else root / "scheduler"
+    if (sched_dir / "scheduler_config.json").is_file():
+        scheduler = DDPMScheduler.from_pretrained(str(sched_dir), local_files_only=True)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+    return LoadedModel("ddpm", root, unet, scheduler)
+
+
+# ------------------------------------------------------------------------------------------------ tiny builders
+
+
+def _bytes_to_unicode() -> List[str]:
+    """The byte -> printable-character table of byte-level BPE (GPT-2 / CLIP)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer(folder: Path, max_length: int = 16) -> None:
+    """A CLIP byte-level BPE tokenizer: 256 bytes, their ``</w>`` forms, a few merges, the two special tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>")]
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+
+
+def build_tiny(name: str, folder: Path, *, channels: int = 3, image_size: int = 16, seed: int = 0) -> Path:
+    """Write a random-weight ``tiny-ddpm`` or ``tiny-sd`` diffusers folder to ``folder`` (safetensors)."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    if name == "tiny-ddpm":
+        from diffusers import UNet2DModel
+
+        unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                           block_out_channels=(16, 32), norm_num_groups=8,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+        unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+        scheduler.save_pretrained(str(folder / "scheduler"))
+        (folder / "model_index.json").write_text(json.dumps({
+            "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+            "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
+        return folder
+    if name != "tiny-sd":
+        raise ModelError(f"model.build: expected tiny-ddpm or tiny-sd, got {name!r}")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    write_tiny_tokenizer(folder / "tokenizer")
+    vocab_size = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
+    text_cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=16, bos_token_id=vocab_size - 2,
+                              eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    CLIPTextModel(text_cfg).save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=image_size)
+    vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
+    unet = UNet2DConditionModel(sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+                                attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    scheduler.save_pretrained(str(folder / "scheduler"))
+    (folder / "model_index.json").write_text(json.dumps(_sd_index(), indent=2))
+    return folder
+
+
+def _sd_index() -> Dict[str, Any]:
+    return {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+def save_final(model: LoadedModel, unet_state: Dict[str, torch.Tensor], folder: Path) -> None:
+    """A diffusers folder at ``folder``: the trained UNet (``unet_state``, fp32) plus the unchanged components."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet = type(model.unet).from_config(model.unet.config)
+    unet.load_state_dict(unet_state)
+    unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+    model.scheduler.save_pretrained(str(tmp / "scheduler"))
+    if model.kind == "sd":
+        model.vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
+        model.text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        index = _sd_index()
+    else:
+        index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                 "scheduler": ["diffusers", "DDPMScheduler"]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def hash_model_folder(path: Path) -> str:
+    """sha256 over the sorted (relative path, content) of every weight and config file of a model folder."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        if f.suffix in (".safetensors", ".json", ".txt") + PICKLE_SUFFIXES:
+            digest.update(str(f.relative_to(path)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
