@@ -60,24 +60,162 @@ C10_HOST_DEVICE inline double logaddexp(double a, double b) {
   return hi + log1p(exp(diff));
 }
 
-// Per-sample finish shared by both backends: from the three sums of one sample (sum of the delta terms
-// gamma*(a0-x0)*(2m - gamma*(x0+a0)), sse_x, sse_a) to (ell_x, ell_a, w_x, w_a).
-C10_HOST_DEVICE inline void finish_sample(double delta_sum, double sse_x, double sse_a, double sigma,
-                                          double inv_numel, const WeightParams& p, double* ell_x, double* ell_a,
-                                          double* w_x, double* w_a) {
-  const double delta = delta_sum / (2.0 * sigma * sigma);
-  const double unclipped_x = exp(-logaddexp(p.log_keep, p.log_lambd + delta));
-  const double unclipped_a = exp(-logaddexp(p.log_keep - delta, p.log_lambd));
-  // min(w, clip), with clip <= +inf: an overflow to inf becomes the clip; a NaN (not reachable) would pass through.
-  *w_x = unclipped_x > p.clip ? p.clip : unclipped_x;
-  *w_a = unclipped_a > p.clip ? p.clip : unclipped_a;
-  *ell_x = *w_x * (sse_x * inv_numel);
-  *ell_a = *w_a * (sse_a * inv_numel);
+// Classification without <cmath>'s macros/overloads, identical on host and device.
+C10_HOST_DEVICE inline bool is_finite(double x) {
+  return x - x == 0.0;  // inf - inf and NaN - NaN are NaN
 }
 
-// Backward coefficient 2*g*w/D, exactly 0 where g == 0 (an unused term with an infinite weight adds nothing).
+C10_HOST_DEVICE inline bool is_infinite(double x) {
+  return x == INFINITY || x == -INFINITY;
+}
+
+// log(c * e^delta) = log_c + delta, with log 0 staying log 0: c = 0 gives 0 * e^delta = 0 for every finite delta,
+// so also for a delta that only overflowed to +-inf (-inf + inf would be NaN).
+C10_HOST_DEVICE inline double log_times_exp(double log_c, double delta) {
+  return log_c == -INFINITY ? -INFINITY : log_c + delta;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Extreme magnitudes (SPEC §8: for finite inputs no NaN, inf only where the exact value overflows).
+//
+// The fast path accumulates the three per-sample sums in the accumulation dtype. For finite inputs it fails in
+// only two ways, both visible in the sums themselves, so detecting them costs nothing per element:
+//   * overflow: a product g(a0-x0)(u_x+u_a) or (pred-eps)^2 beyond the dtype's range (fp32: inputs ~1e20 at
+//     t = 0) makes the sum +-inf, or NaN (inf - inf). Once non-finite, an accumulator never becomes finite again.
+//   * underflow (fp32 only): squares below 2^-126 lose their relative precision. That matters only when the sum is
+//     tiny (an ell = w * sse/D with a huge weight, lambda in {0, 1}, can still be representable), or for delta when
+//     sigma is so small that the absolute error D*2^-150 of the terms, divided by 2 sigma^2, is visible.
+// A sum that is not usable is recomputed for that sample only ("wide" path, a plain double loop):
+//   * fp32 accumulation: in double, from the unscaled inputs. For any finite fp16/bf16/fp32 input nothing in it can
+//     overflow or underflow (|x| <= 3.4e38, sigma >= 1.4e-45: every square <= 1e244, every nonzero square >= 2e-90).
+//   * fp64 accumulation: in double from the inputs scaled by 2^-kWideShift64, which divides the products and sums
+//     by 2^(2 kWideShift64) (powers of two: exact). The sum is carried as (mantissa, exponent) into the finish.
+// Normal inputs never take the wide path, so the results and the speed there are unchanged.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kWideShift64 = 600;  // fp64 inputs up to ~1e308 (sigma >= ~1e-2) keep every scaled square finite
+
+// Input scaling exponent of the wide path: 0 for fp32 accumulation (double is wide enough), kWideShift64 for fp64.
+C10_HOST_DEVICE inline int wide_shift(bool acc_is_double) {
+  return acc_is_double ? kWideShift64 : 0;
+}
+
+// Whether each fast sum {delta numerator, sse_x, sse_a} of one sample can be used as it is (see above).
+C10_HOST_DEVICE inline void usable_sums(const double sums[3], double sigma, double numel, bool acc_is_double,
+                                        bool usable[3]) {
+  for (int k = 0; k < 3; ++k) {
+    usable[k] = is_finite(sums[k]);
+  }
+  if (!acc_is_double) {
+    // delta: absolute error of underflowed terms <= numel * 2^-150 / (2 sigma^2); keep it below 2^-41.
+    usable[0] = usable[0] && 2.0 * sigma * sigma >= numel * 0x1p-109;
+    // sse: relative error of underflowed squares <= numel * 2^-150 / sse <= 2^-50.
+    usable[1] = usable[1] && sums[1] >= numel * 0x1p-100;
+    usable[2] = usable[2] && sums[2] >= numel * 0x1p-100;
+  }
+}
+
+// One element's contribution to the wide sums {delta numerator, sse_x, sse_a}, in double. p, m, x, a are the
+// inputs already multiplied by 2^-wide_shift; g and sigma are not scaled, so every sum is scaled by 2^-2shift.
+C10_HOST_DEVICE inline void add_wide_terms(double p, double m, double x, double a, double g, double sigma,
+                                           double sums[3]) {
+  const double u_x = fma(-g, x, m);
+  const double u_a = fma(-g, a, m);
+  sums[0] += (g * (a - x)) * (u_x + u_a);
+  const double r_x = p - u_x / sigma;
+  const double r_a = p - u_a / sigma;
+  sums[1] += r_x * r_x;
+  sums[2] += r_a * r_a;
+}
+
+// w * mean (mean = sse/D * 2^exponent) rounded once, never NaN from 0 * inf, never inf unless the exact value
+// overflows double: 0 when w == 0 or mean == 0 (the exact product is 0 then; the other factor is finite in exact
+// arithmetic even where it was rounded to inf); mantissas and exponents multiplied separately so that neither a
+// large weight times a large sse nor a scaled (wide) sse overflows or underflows on the way; a weight that itself
+// overflowed double (only lambda in {0, 1} without clip) joins in log space.
+C10_HOST_DEVICE inline double weighted_mean(double w, double log_w, double mean, int exponent) {
+  if (w == 0.0 || mean == 0.0) {
+    return 0.0;
+  }
+  if (is_infinite(w)) {
+    return exp(log_w + log(mean) + exponent * 0.69314718055994530942);
+  }
+  int e_w = 0, e_m = 0;
+  const double f_w = frexp(w, &e_w);
+  const double f_m = frexp(mean, &e_m);
+  return ldexp(f_w * f_m, e_w + e_m + exponent);
+}
+
+// Per-sample finish shared by both backends: from the three sums of one sample (sum of the delta terms
+// gamma*(a0-x0)*(2m - gamma*(x0+a0)), sse_x, sse_a), each sums[k] * 2^exponents[k], to (ell_x, ell_a, w_x, w_a).
+C10_HOST_DEVICE inline void finish_sample(const double sums[3], const int exponents[3], double sigma,
+                                          double inv_numel, const WeightParams& p, double* ell_x, double* ell_a,
+                                          double* w_x, double* w_a) {
+  // 2 sigma^2 underflows double only for sigma < 1e-154: divide twice there.
+  const double two_s2 = 2.0 * sigma * sigma;
+  const double scaled = two_s2 >= 0x1p-1022 ? sums[0] / two_s2 : sums[0] / (2.0 * sigma) / sigma;
+  // A delta beyond double's range becomes +-inf, which the log-space weights turn into their exact limits
+  // (0, 1/(1-lambda), 1/lambda; inf only for lambda in {0, 1} without clip).
+  const double delta = ldexp(scaled, exponents[0]);
+  const double log_x = -logaddexp(p.log_keep, log_times_exp(p.log_lambd, delta));
+  const double log_a = -logaddexp(log_times_exp(p.log_keep, -delta), p.log_lambd);
+  const double unclipped_x = exp(log_x);
+  const double unclipped_a = exp(log_a);
+  // min(w, clip), with clip <= +inf: an overflow to inf becomes the clip.
+  *w_x = unclipped_x > p.clip ? p.clip : unclipped_x;
+  *w_a = unclipped_a > p.clip ? p.clip : unclipped_a;
+  // w * (sse / D) in double, rounded to the output dtype by the caller only at the end.
+  *ell_x = weighted_mean(*w_x, log_x, sums[1] * inv_numel, exponents[1]);
+  *ell_a = weighted_mean(*w_a, log_a, sums[2] * inv_numel, exponents[2]);
+}
+
+// Backward coefficient 2*g*w/D, exactly 0 where g == 0 or w == 0 (an unused term with an infinite weight adds
+// nothing).
 C10_HOST_DEVICE inline double backward_coefficient(double grad, double weight, double two_over_numel) {
-  return grad == 0.0 ? 0.0 : grad * weight * two_over_numel;
+  return grad == 0.0 || weight == 0.0 ? 0.0 : grad * weight * two_over_numel;
+}
+
+// dpred = c_x * (pred - eps_x) + c_a * (pred - eps_a). The fast path multiplies in the accumulation dtype, where
+// c = 2gw/D itself may overflow (a large weight times a large upstream gradient) or underflow (a tiny cross weight
+// whose term still matters when the other term is unused), although c * (pred - eps) is representable. So the
+// coefficients are normalised by a power of two: c = c' * 2^shift with max |c'| in [0.5, 1), and
+// dpred = (c'_x r_x + c'_a r_a) * 2^shift. Scaling by a power of two is exact, so on normal inputs this is bitwise
+// the unscaled product; it overflows only where the exact gradient does. When 2^shift is outside the accumulation
+// dtype's range, or a coefficient is infinite (an infinite weight: lambda in {0, 1} without clip), the sample
+// takes the exact path: each term in double, c * r, and 0 where r == 0 (so inf * 0 never happens).
+struct BackwardCoefficients {
+  double c_x = 0.0, c_a = 0.0;  // c' (fast path) or c (exact path)
+  double scale = 1.0;           // 2^shift (fast path)
+  bool exact_path = false;
+};
+
+C10_HOST_DEVICE inline BackwardCoefficients backward_coefficients(double grad_x, double weight_x, double grad_a,
+                                                                  double weight_a, double two_over_numel,
+                                                                  bool acc_is_double) {
+  BackwardCoefficients out;
+  const double c_x = backward_coefficient(grad_x, weight_x, two_over_numel);
+  const double c_a = backward_coefficient(grad_a, weight_a, two_over_numel);
+  const double big = fabs(c_x) > fabs(c_a) ? fabs(c_x) : fabs(c_a);
+  if (big == 0.0) {
+    return out;
+  }
+  int shift = 0;
+  frexp(big, &shift);
+  const int limit = acc_is_double ? 1000 : 120;
+  if (!is_finite(big) || shift < -limit || shift > limit) {
+    out.c_x = c_x;
+    out.c_a = c_a;
+    out.exact_path = true;
+    return out;
+  }
+  out.c_x = ldexp(c_x, -shift);
+  out.c_a = ldexp(c_a, -shift);
+  out.scale = ldexp(1.0, shift);
+  return out;
+}
+
+// One term c * r of the exact path: 0 where c == 0 or r == 0.
+C10_HOST_DEVICE inline double exact_term(double c, double r) {
+  return c == 0.0 || r == 0.0 ? 0.0 : c * r;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -95,15 +95,17 @@ def _kernel_specs() -> List[dict]:
             "name": "siss_finish_kernel",
             "kernel": siss_finish_kernel,
             "signature": {
-                **_tensor_args("partial_ptr sigma_ptr ell_x_ptr ell_a_ptr w_x_ptr w_a_ptr", "*acc"),
-                **_tensor_args("B n_chunks plane", "i32"),
-                **_tensor_args(
-                    "log_keep_hi log_keep_lo log_lambd_hi log_lambd_lo clip_hi clip_lo d_hi d_lo", "fp32"
-                ),
+                "partial_ptr": "*acc",
+                "pred_ptr": "*pred",
+                **_tensor_args("noisy_ptr x0_ptr a0_ptr", "*latent"),
+                **_tensor_args("gamma_ptr sigma_ptr ell_x_ptr ell_a_ptr w_x_ptr w_a_ptr", "*acc"),
+                **_tensor_args("B D n_chunks plane", "i32"),
+                **_tensor_args("log_keep_hi log_keep_lo log_lambd_hi log_lambd_lo clip_hi clip_lo", "fp32"),
                 "BLOCK_B": "constexpr",
                 "BLOCK_C": "constexpr",
+                "BLOCK_W": "constexpr",
             },
-            "constexprs": {"BLOCK_B": 32, "BLOCK_C": 32},
+            "constexprs": {"BLOCK_B": 32, "BLOCK_C": 32, "BLOCK_W": 1024},
             "num_warps": 4,
         },
         {

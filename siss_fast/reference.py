@@ -26,7 +26,22 @@ Formulas (SPEC §3-4), per sample ``b`` with D elements:
 * per-sample losses: ``ell_x = w_x * (sse_x / D)``, ``sse_x = sum_i (pred - eps_x)_i^2``; likewise ``ell_a``
 * backward, for upstream gradients ``g_x, g_a`` of ``ell_x, ell_a``:
   ``dpred = (2/D) * (c_x * (pred - eps_x) + c_a * (pred - eps_a))``, ``c = g * w`` and ``c = 0`` where ``g == 0``
-  (so an unused term with an infinite weight contributes nothing instead of NaN).
+  or ``w == 0``, and each product ``c * (pred - eps)`` is 0 where ``pred - eps == 0`` (so an unused term, or an
+  infinite weight on a zero residual, contributes nothing instead of NaN).
+
+Extreme magnitudes (SPEC §8: for finite inputs no NaN, and inf only where the exact value overflows). The three sums
+are accumulated in ``acc``; for finite inputs they fail only visibly (the same rule in every backend):
+
+* overflow: a per-element product beyond ``acc``'s range (fp32: inputs ~1e20 at t = 0) makes the sum +-inf or NaN;
+* underflow (fp32 only): squares below 2^-126 lose relative precision, which matters for ``sse < D * 2^-100`` (a
+  huge weight can still make ``ell`` representable) and, for ``delta``, when ``2 sigma^2 < D * 2^-109``.
+
+Such a sum is recomputed for that sample by the *wide* path: in fp64 from the unscaled inputs for fp32 accumulation
+(nothing there can overflow or underflow for finite fp16/bf16/fp32 inputs), in fp64 from the inputs scaled by
+``2^-600`` for fp64 accumulation (the sum then carries a factor ``2^1200``). The finish (delta, weights,
+``ell = w * (sse / D)``) runs per sample in fp64 and rounds to ``acc`` only at the end: a delta beyond the range
+gives the exact limits of the weights, ``w == 0`` or ``sse == 0`` gives ``ell == 0``, and ``ell`` is inf only where
+the exact value overflows.
 """
 
 from __future__ import annotations
@@ -52,6 +67,10 @@ def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+#: Input scaling exponent of the wide path for fp64 accumulation (inputs * 2^-600, sums * 2^-1200).
+WIDE_SHIFT_FP64 = 600
+
+
 def _log_mixture_coefficients(lambd: float) -> Tuple[float, float]:
     """(log(1 - lambda), log(lambda)) as Python floats, with log 0 = -inf."""
     log_keep = math.log1p(-lambd) if lambd < 1.0 else -math.inf
@@ -73,13 +92,21 @@ def log_weights(delta: Tensor, lambd: float, weight_clip: Optional[float] = None
     log_keep, log_lambd = _log_mixture_coefficients(lambd)
     keep = torch.full_like(delta, log_keep)
     lam = torch.full_like(delta, log_lambd)
-    log_w_x = -torch.logaddexp(keep, lam + delta)
-    log_w_a = -torch.logaddexp(keep - delta, lam)
+    log_w_x = -torch.logaddexp(keep, _log_times_exp(log_lambd, delta))
+    log_w_a = -torch.logaddexp(_log_times_exp(log_keep, -delta), lam)
     if weight_clip is not None:
         log_clip = math.log(weight_clip)
         log_w_x = log_w_x.clamp(max=log_clip)
         log_w_a = log_w_a.clamp(max=log_clip)
     return log_w_x, log_w_a
+
+
+def _log_times_exp(log_c: float, delta: Tensor) -> Tensor:
+    """``log(c * e^delta) = log_c + delta``, with log 0 staying log 0 (``0 * e^delta = 0`` also for a delta that
+    overflowed to +-inf, where ``-inf + inf`` would be NaN)."""
+    if log_c == -math.inf:
+        return torch.full_like(delta, -math.inf)
+    return log_c + delta
 
 
 def weights_from_delta(delta: Tensor, lambd: float, weight_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
@@ -108,11 +135,13 @@ def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: T
     return out.to(x0.dtype).contiguous()
 
 
-def _residuals(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor):
-    """``(pred - eps_x, pred - eps_a, gamma*(a0 - x0)*(2m - gamma*(x0 + a0)))`` in the accumulation dtype."""
-    acc = gamma.dtype
-    p, m, x, a = pred.to(acc), noisy.to(acc), x0.to(acc), a0.to(acc)
-    g, s = _bcast(gamma, p), _bcast(sigma, p)
+def _residuals(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor,
+               dtype: Optional[torch.dtype] = None, scale: float = 1.0):
+    """``(pred - eps_x, pred - eps_a, gamma*(a0 - x0)*(2m - gamma*(x0 + a0)))`` in ``dtype`` (default: the
+    accumulation dtype), from pred, noisy, x0, a0 multiplied by ``scale`` (a power of two: exact)."""
+    acc = dtype or gamma.dtype
+    p, m, x, a = (t.to(acc) * scale if scale != 1.0 else t.to(acc) for t in (pred, noisy, x0, a0))
+    g, s = _bcast(gamma.to(acc), p), _bcast(sigma.to(acc), p)
     res_x = p - (m - g * x) / s
     res_a = p - (m - g * a) / s
     delta_terms = (g * (a - x)) * (2.0 * m - g * (x + a))
@@ -136,19 +165,91 @@ def siss_loss_forward(
     """
     batch = pred.shape[0]
     d = pred.numel() // batch
-    res_x, res_a, delta_terms = _residuals(pred, noisy, x0, a0, gamma, sigma)
-    delta = delta_terms.reshape(batch, -1).sum(dim=1) / (2.0 * sigma * sigma)
-    sse_x = res_x.square().reshape(batch, -1).sum(dim=1)
-    sse_a = res_a.square().reshape(batch, -1).sum(dim=1)
-    w_x, w_a = weights_from_delta(delta, lambd, weight_clip)
+    acc = gamma.dtype
+    sums = _per_sample_sums(pred, noisy, x0, a0, gamma, sigma, acc).to(torch.float64)
+    usable = _usable_sums(sums, sigma.to(torch.float64), d, acc)
+    exponents = torch.zeros(sums.shape, dtype=torch.int64, device=sums.device)
+    if not bool(usable.all()):
+        # The wide path, for the samples (rows) with an unusable sum only.
+        shift = WIDE_SHIFT_FP64 if acc == torch.float64 else 0
+        rows = ~usable.all(dim=0)
+        wide = _per_sample_sums(
+            pred[rows], noisy[rows], x0[rows], a0[rows], gamma[rows], sigma[rows], torch.float64, 2.0**-shift
+        )
+        sums[:, rows] = torch.where(usable[:, rows], sums[:, rows], wide)
+        exponents[:, rows] = torch.where(usable[:, rows], 0, 2 * shift)
+    return _finish(sums, exponents, sigma.to(torch.float64), d, lambd, weight_clip, acc)
+
+
+def _per_sample_sums(pred, noisy, x0, a0, gamma, sigma, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """``(3, B)`` in ``dtype``: the delta numerator ``sum_i gamma*(a0-x0)*(2m - gamma*(x0+a0))``, ``sse_x``,
+    ``sse_a``, from the inputs multiplied by ``scale`` (so every sum is multiplied by ``scale**2``)."""
+    batch = pred.shape[0]
+    res_x, res_a, delta_terms = _residuals(pred, noisy, x0, a0, gamma, sigma, dtype, scale)
+    return torch.stack([t.reshape(batch, -1).sum(dim=1) for t in (delta_terms, res_x.square(), res_a.square())])
+
+
+def _usable_sums(sums: Tensor, sigma: Tensor, d: int, acc: torch.dtype) -> Tensor:
+    """``(3, B)`` bool: which fast sums can be used as they are (see the module docstring)."""
+    usable = torch.isfinite(sums)
+    if acc != torch.float64:
+        # delta: absolute error of underflowed terms <= D * 2^-150 / (2 sigma^2), kept below 2^-41
+        usable[0] &= 2.0 * sigma * sigma >= d * 2.0**-109
+        # sse: relative error of underflowed squares <= D * 2^-150 / sse <= 2^-50
+        usable[1:] &= sums[1:] >= d * 2.0**-100
+    return usable
+
+
+def _ldexp(x: Tensor, exponent: Tensor) -> Tensor:
+    """``x * 2^exponent`` for exponents beyond the range of one power of two (|exponent| <= 2300): three exact
+    steps of equal sign, so an intermediate overflows only when the result does."""
+    third = torch.div(exponent, 3, rounding_mode="trunc")
+    return torch.ldexp(torch.ldexp(torch.ldexp(x, third), third), exponent - 2 * third)
+
+
+def _weighted_mean(w: Tensor, log_w: Tensor, mean: Tensor, exponent: Tensor) -> Tensor:
+    """``w * mean * 2^exponent`` in fp64, rounded once: 0 where ``w == 0`` or ``mean == 0`` (the exact product is 0;
+    no ``0 * inf``), mantissas and exponents multiplied separately (no intermediate overflow or underflow), and in
+    log space where the weight itself overflowed fp64 (lambda in {0, 1} without clip)."""
+    f_w, e_w = torch.frexp(w)
+    f_m, e_m = torch.frexp(mean)
+    product = _ldexp(f_w * f_m, e_w.long() + e_m.long() + exponent)
+    in_log_space = torch.exp(log_w + torch.log(mean) + exponent * math.log(2.0))
+    out = torch.where(torch.isinf(w), in_log_space, product)
+    return torch.where((w == 0) | (mean == 0), torch.zeros_like(out), out)
+
+
+def _finish(sums: Tensor, exponents: Tensor, sigma: Tensor, d: int, lambd: float, weight_clip: Optional[float],
+            acc: torch.dtype):
+    """From the fp64 sums (value * 2^exponent) to ``(ell_x, ell_a, w_x, w_a)`` in ``acc``; fp64 throughout."""
+    two_s2 = 2.0 * sigma * sigma
+    # 2 sigma^2 underflows fp64 only for sigma < 1e-154: divide twice there
+    scaled = torch.where(two_s2 >= 2.0**-1022, sums[0] / two_s2, sums[0] / (2.0 * sigma) / sigma)
+    delta = _ldexp(scaled, exponents[0])  # +-inf beyond the range: the weights take their exact limits
+    log_w_x, log_w_a = log_weights(delta, lambd)
+    w_x, w_a = log_w_x.exp(), log_w_a.exp()
+    if weight_clip is not None:
+        # the clip rounded to acc, like every backend: the stored weight never exceeds it, even by a rounding
+        clip = float(torch.tensor(weight_clip, dtype=acc))
+        w_x, w_a = w_x.clamp(max=clip), w_a.clamp(max=clip)
     # w * (sse / D): the product of a large weight and sse could overflow although ell itself does not
-    return w_x * (sse_x / d), w_a * (sse_a / d), w_x, w_a
+    ell_x = _weighted_mean(w_x, log_w_x, sums[1] / d, exponents[1])
+    ell_a = _weighted_mean(w_a, log_w_a, sums[2] / d, exponents[2])
+    return ell_x.to(acc), ell_a.to(acc), w_x.to(acc), w_a.to(acc)
 
 
 def backward_coefficients(grad: Tensor, weight: Tensor, numel_per_sample: int) -> Tensor:
-    """``2*g*w/D`` per sample, and exactly 0 where ``g == 0`` (an unused term never turns inf into NaN)."""
+    """``2*g*w/D`` per sample, and exactly 0 where ``g == 0`` or ``w == 0`` (an unused term never turns inf into
+    NaN)."""
     coef = grad * weight * (2.0 / numel_per_sample)
-    return torch.where(grad == 0, torch.zeros_like(coef), coef)
+    return torch.where((grad == 0) | (weight == 0), torch.zeros_like(coef), coef)
+
+
+def _times_residual(coef: Tensor, res: Tensor) -> Tensor:
+    """``c * r`` in fp64 for a ``(B,)`` coefficient, 0 where ``c == 0`` or ``r == 0`` (never ``0 * inf``). In fp64
+    neither ``c`` (``2gw/D`` of fp32 values) nor the product can leave the range for fp16/bf16/fp32 inputs."""
+    c, r = _bcast(coef, res), res.to(torch.float64)
+    return torch.where((c == 0) | (r == 0), torch.zeros_like(r), c * r)
 
 
 def siss_loss_backward(
@@ -171,8 +272,9 @@ def siss_loss_backward(
     batch = pred.shape[0]
     d = pred.numel() // batch
     acc = gamma.dtype
-    c_x = backward_coefficients(grad_ell_x.to(acc), w_x.to(acc), d)
-    c_a = backward_coefficients(grad_ell_a.to(acc), w_a.to(acc), d)
+    # c in fp64: 2gw/D of acc values can leave acc's range although c * (pred - eps) does not
+    c_x = backward_coefficients(grad_ell_x.to(acc).double(), w_x.to(acc).double(), d)
+    c_a = backward_coefficients(grad_ell_a.to(acc).double(), w_a.to(acc).double(), d)
     res_x, res_a, _ = _residuals(pred, noisy, x0, a0, gamma, sigma)
-    grad = _bcast(c_x, res_x) * res_x + _bcast(c_a, res_a) * res_a
+    grad = _times_residual(c_x, res_x) + _times_residual(c_a, res_a)
     return grad.to(pred.dtype).contiguous()

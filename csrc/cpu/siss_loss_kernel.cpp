@@ -8,6 +8,11 @@
 // equal and their difference would cancel. Delta is one sum of these per-element differences (never d_x - d_a
 // from two large sums), accumulated in fp32 (fp64 for fp64 inputs) per lane and per fixed chunk; chunk partials
 // are combined in double in chunk order. 1/sigma is multiplied, not divided, per element.
+//
+// Extreme magnitudes (siss_fast.h, "Extreme magnitudes"): a sample whose fast sums overflowed (or, in fp32,
+// underflowed where it matters) is recomputed by a plain double loop; the backward normalises its coefficients by a
+// power of two and takes an exact double path for infinite weights. Neither costs anything on normal inputs.
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -42,6 +47,25 @@ struct ForwardAccumulator {
     sse_a = sse_a + other.sse_a;
   }
 };
+
+// An element widened to double through the accumulation dtype (fp16/bf16 -> fp32 is exact, fp32 -> double too).
+template <typename acc_t, typename T>
+inline double to_double(T v) {
+  return static_cast<double>(static_cast<acc_t>(v));
+}
+
+// The three sums of one sample by the wide path (siss_fast.h): double arithmetic on the inputs scaled by
+// 2^-shift. Sequential and fixed-order, so deterministic; only samples whose fast sums are unusable get here.
+template <typename acc_t, typename pred_t, typename lat_t>
+void wide_sums(const pred_t* p, const lat_t* m, const lat_t* x, const lat_t* a, int64_t numel, double g,
+               double s, int shift, double sums[3]) {
+  const double scale = std::ldexp(1.0, -shift);
+  sums[0] = sums[1] = sums[2] = 0.0;
+  for (int64_t i = 0; i < numel; ++i) {
+    add_wide_terms(to_double<acc_t>(p[i]) * scale, to_double<acc_t>(m[i]) * scale, to_double<acc_t>(x[i]) * scale,
+                   to_double<acc_t>(a[i]) * scale, g, s, sums);
+  }
+}
 
 template <typename acc_t, typename pred_t, typename lat_t>
 void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc_t* ell_a, acc_t* w_x,
@@ -94,6 +118,8 @@ void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc
   });
 
   const double inv_numel = 1.0 / static_cast<double>(numel);
+  constexpr bool acc_is_double = std::is_same_v<acc_t, double>;
+  const int shift = wide_shift(acc_is_double);
   for (int64_t b = 0; b < batch; ++b) {
     double sums[3] = {0.0, 0.0, 0.0};
     for (int64_t c = 0; c < chunks; ++c) {
@@ -101,8 +127,24 @@ void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc
         sums[k] += static_cast<double>(partials[(b * chunks + c) * 3 + k]);
       }
     }
+    const double s = static_cast<double>(sigma[b]);
+    bool usable[3];
+    usable_sums(sums, s, static_cast<double>(numel), acc_is_double, usable);
+    int exponents[3] = {0, 0, 0};
+    if (!(usable[0] && usable[1] && usable[2])) {
+      const int64_t base = b * numel;
+      double wide[3];
+      wide_sums<acc_t>(pred + base, noisy + base, x0 + base, a0 + base, numel, static_cast<double>(gamma[b]), s,
+                       shift, wide);
+      for (int k = 0; k < 3; ++k) {
+        if (!usable[k]) {
+          sums[k] = wide[k];
+          exponents[k] = 2 * shift;
+        }
+      }
+    }
     double lx, la, wx, wa;
-    finish_sample(sums[0], sums[1], sums[2], static_cast<double>(sigma[b]), inv_numel, params, &lx, &la, &wx, &wa);
+    finish_sample(sums, exponents, s, inv_numel, params, &lx, &la, &wx, &wa);
     ell_x[b] = static_cast<acc_t>(lx);
     ell_a[b] = static_cast<acc_t>(la);
     w_x[b] = static_cast<acc_t>(wx);
@@ -129,11 +171,25 @@ void backward(const LossInputs& in, const acc_t* grad_x, const acc_t* grad_a, co
     const lat_t* x = x0 + base;
     const lat_t* a = a0 + base;
     pred_t* dst = out + base;
+    const BackwardCoefficients coef = backward_coefficients(grad_x[b], weight_x[b], grad_a[b], weight_a[b],
+                                                            two_over_numel, std::is_same_v<acc_t, double>);
+    if (coef.exact_path) {
+      // Infinite weight, or a coefficient beyond the dtype's range: each term in double, 0 where r == 0.
+      const double g = gamma[b], s = sigma[b];
+      for (int64_t i = lo; i < hi; ++i) {
+        const double pv = to_double<acc_t>(p[i]), mv = to_double<acc_t>(m[i]);
+        const double r_x = pv - (mv - g * to_double<acc_t>(x[i])) / s;
+        const double r_a = pv - (mv - g * to_double<acc_t>(a[i])) / s;
+        dst[i] = static_cast<pred_t>(static_cast<acc_t>(exact_term(coef.c_x, r_x) + exact_term(coef.c_a, r_a)));
+      }
+      return;
+    }
     const Vec<acc_t> neg_g(-gamma[b]);
     const Vec<acc_t> neg_inv_s(-(acc_t(1) / sigma[b]));
-    const acc_t cx = static_cast<acc_t>(backward_coefficient(grad_x[b], weight_x[b], two_over_numel));
-    const acc_t ca = static_cast<acc_t>(backward_coefficient(grad_a[b], weight_a[b], two_over_numel));
-    const Vec<acc_t> c_x(cx), c_a(ca);
+    // c = c' * 2^shift (siss_fast.h): c' in acc_t cannot overflow, and the power of two is exact.
+    const acc_t cx = static_cast<acc_t>(coef.c_x);
+    const acc_t ca = static_cast<acc_t>(coef.c_a);
+    const Vec<acc_t> c_x(cx), c_a(ca), scale(static_cast<acc_t>(coef.scale));
     // dpred = c_x * (pred - eps_x) + c_a * (pred - eps_a); a zero coefficient drops its term entirely, so an
     // unused term never turns an infinite weight or residual into NaN.
     const auto run = [&](auto use_x, auto use_a) {
@@ -146,7 +202,7 @@ void backward(const LossInputs& in, const acc_t* grad_x, const acc_t* grad_a, co
         if constexpr (decltype(use_a)::value) {
           r = at::vec::fmadd(c_a, at::vec::fmadd(at::vec::fmadd(neg_g, av, mv), neg_inv_s, pv), r);
         }
-        return r;
+        return r * scale;
       };
       int64_t i = lo;
       for (; i + width <= hi; i += width) {

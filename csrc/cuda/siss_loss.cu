@@ -10,9 +10,15 @@
 //   1. siss_partials_kernel: block (chunk c, sample b) reduces kChunk elements to three fp32 (fp64) partials.
 //   2. siss_finish_kernel: block b sums its chunk partials in double, in a fixed order, and computes the weights
 //      (log space, double) and the losses.
-// Backward is one elementwise launch; the per-sample coefficients c = 2*g*w/D (0 where g == 0) are formed in
-// double by each thread from four (B,) vectors.
+//      A sample whose fast sums are unusable (overflow, or fp32 underflow where it matters: siss_fast.h, "Extreme
+//      magnitudes") is recomputed by the same block in double (fp64 inputs: scaled by 2^-kWideShift64), in a fixed
+//      order; normal inputs never take that branch.
+// Backward is one elementwise launch; the per-sample coefficients c = 2*g*w/D (0 where g == 0 or w == 0) are formed
+// in double by each thread from four (B,) vectors and normalised by a power of two (siss_fast.h); an infinite
+// weight takes the exact double path.
 #include <ATen/ops/empty.h>
+
+#include <type_traits>
 
 #include "../siss_fast.h"
 #include "cuda_common.cuh"
@@ -68,23 +74,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename acc_t>
-__global__ void __launch_bounds__(kFinishThreads)
-    siss_finish_kernel(const acc_t* __restrict__ partials, const acc_t* __restrict__ sigma, int64_t chunks,
-                       double inv_numel, WeightParams params, acc_t* __restrict__ ell_x, acc_t* __restrict__ ell_a,
-                       acc_t* __restrict__ w_x, acc_t* __restrict__ w_a) {
-  const int64_t b = blockIdx.x;
-  double sums[3] = {0.0, 0.0, 0.0};
-  for (int64_t c = threadIdx.x; c < chunks; c += kFinishThreads) {
-    const acc_t* p = partials + (b * chunks + c) * 3;
-    sums[0] += static_cast<double>(p[0]);
-    sums[1] += static_cast<double>(p[1]);
-    sums[2] += static_cast<double>(p[2]);
-  }
-  // Fixed-order reduction over the kFinishThreads threads (a subset of block_sum3's kThreads layout).
-  __shared__ double shared[3][kFinishThreads];
+// Fixed-order tree sum of vals[k] over the kFinishThreads threads of the block; the result is in shared[k][0].
+__device__ __forceinline__ void finish_block_sum3(double (&shared)[3][kFinishThreads], const double vals[3]) {
+  __syncthreads();  // the previous reader of `shared` is done
   for (int k = 0; k < 3; ++k) {
-    shared[k][threadIdx.x] = sums[k];
+    shared[k][threadIdx.x] = vals[k];
   }
   __syncthreads();
   for (int width = kFinishThreads / 2; width > 0; width /= 2) {
@@ -95,10 +89,60 @@ __global__ void __launch_bounds__(kFinishThreads)
     }
     __syncthreads();
   }
+}
+
+template <typename acc_t, typename pred_t, typename lat_t>
+__global__ void __launch_bounds__(kFinishThreads)
+    siss_finish_kernel(const acc_t* __restrict__ partials, const pred_t* __restrict__ pred,
+                       const lat_t* __restrict__ noisy, const lat_t* __restrict__ x0, const lat_t* __restrict__ a0,
+                       const acc_t* __restrict__ gamma, const acc_t* __restrict__ sigma, int64_t chunks,
+                       int64_t numel, WeightParams params, acc_t* __restrict__ ell_x, acc_t* __restrict__ ell_a,
+                       acc_t* __restrict__ w_x, acc_t* __restrict__ w_a) {
+  constexpr bool acc_is_double = std::is_same<acc_t, double>::value;
+  const int64_t b = blockIdx.x;
+  double sums[3] = {0.0, 0.0, 0.0};
+  for (int64_t c = threadIdx.x; c < chunks; c += kFinishThreads) {
+    const acc_t* p = partials + (b * chunks + c) * 3;
+    sums[0] += static_cast<double>(p[0]);
+    sums[1] += static_cast<double>(p[1]);
+    sums[2] += static_cast<double>(p[2]);
+  }
+  // Fixed-order reduction over the kFinishThreads threads (a subset of block_sum3's kThreads layout).
+  __shared__ double shared[3][kFinishThreads];
+  __shared__ bool usable[3];
+  finish_block_sum3(shared, sums);
+  const double s = static_cast<double>(sigma[b]);
+  for (int k = 0; k < 3; ++k) {
+    sums[k] = shared[0 + k][0];
+  }
+  if (threadIdx.x == 0) {
+    usable_sums(sums, s, static_cast<double>(numel), acc_is_double, usable);
+  }
+  __syncthreads();
+  int exponents[3] = {0, 0, 0};
+  if (!(usable[0] && usable[1] && usable[2])) {  // uniform across the block
+    const int shift = wide_shift(acc_is_double);
+    const double scale = ldexp(1.0, -shift);
+    const double g = static_cast<double>(gamma[b]);
+    const int64_t base = b * numel;
+    double wide[3] = {0.0, 0.0, 0.0};
+    for (int64_t i = threadIdx.x; i < numel; i += kFinishThreads) {
+      add_wide_terms(static_cast<double>(static_cast<acc_t>(pred[base + i])) * scale,
+                     static_cast<double>(static_cast<acc_t>(noisy[base + i])) * scale,
+                     static_cast<double>(static_cast<acc_t>(x0[base + i])) * scale,
+                     static_cast<double>(static_cast<acc_t>(a0[base + i])) * scale, g, s, wide);
+    }
+    finish_block_sum3(shared, wide);
+    for (int k = 0; k < 3; ++k) {
+      if (!usable[k]) {
+        sums[k] = shared[k][0];
+        exponents[k] = 2 * shift;
+      }
+    }
+  }
   if (threadIdx.x == 0) {
     double lx, la, wx, wa;
-    finish_sample(shared[0][0], shared[1][0], shared[2][0], static_cast<double>(sigma[b]), inv_numel, params, &lx,
-                  &la, &wx, &wa);
+    finish_sample(sums, exponents, s, 1.0 / static_cast<double>(numel), params, &lx, &la, &wx, &wa);
     ell_x[b] = static_cast<acc_t>(lx);
     ell_a[b] = static_cast<acc_t>(la);
     w_x[b] = static_cast<acc_t>(wx);
@@ -120,9 +164,26 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t base = b * numel;
     const acc_t g = gamma[b];
     const acc_t inv_s = acc_t(1) / sigma[b];
-    const acc_t c_x = static_cast<acc_t>(backward_coefficient(grad_x[b], weight_x[b], two_over_numel));
-    const acc_t c_a = static_cast<acc_t>(backward_coefficient(grad_a[b], weight_a[b], two_over_numel));
-    // A zero coefficient drops its term: an unused term never turns an infinite weight into NaN.
+    const BackwardCoefficients coef = backward_coefficients(grad_x[b], weight_x[b], grad_a[b], weight_a[b],
+                                                            two_over_numel, std::is_same<acc_t, double>::value);
+    if (coef.exact_path) {
+      // Infinite weight, or a coefficient beyond the dtype's range: each term in double, 0 where r == 0.
+      const double gd = static_cast<double>(g), sd = static_cast<double>(sigma[b]);
+      for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+        const double p = static_cast<double>(static_cast<acc_t>(pred[base + i]));
+        const double m = static_cast<double>(static_cast<acc_t>(noisy[base + i]));
+        const double r_x = p - (m - gd * static_cast<double>(static_cast<acc_t>(x0[base + i]))) / sd;
+        const double r_a = p - (m - gd * static_cast<double>(static_cast<acc_t>(a0[base + i]))) / sd;
+        out[base + i] =
+            static_cast<pred_t>(static_cast<acc_t>(exact_term(coef.c_x, r_x) + exact_term(coef.c_a, r_a)));
+      }
+      continue;
+    }
+    // c = c' * 2^shift (siss_fast.h): c' cannot overflow acc_t and the power of two is exact.
+    const acc_t c_x = static_cast<acc_t>(coef.c_x);
+    const acc_t c_a = static_cast<acc_t>(coef.c_a);
+    const acc_t scale = static_cast<acc_t>(coef.scale);
+    // A zero coefficient drops its term: an unused term never turns an infinite residual into NaN.
     const bool use_x = c_x != acc_t(0), use_a = c_a != acc_t(0);
     for (int64_t i = lo + static_cast<int64_t>(threadIdx.x) * N; i < hi; i += static_cast<int64_t>(kThreads) * N) {
       const Pack<pred_t, N> pv = load_pack<N>(pred + base + i);
@@ -141,7 +202,7 @@ __global__ void __launch_bounds__(kThreads)
         if (use_a) {
           r = fma(c_a, fma(-fma(-g, static_cast<acc_t>(av.v[j]), m), inv_s, p), r);
         }
-        ov.v[j] = static_cast<pred_t>(r);
+        ov.v[j] = static_cast<pred_t>(r * scale);
       }
       store_pack<N>(out + base + i, ov);
     }
@@ -189,10 +250,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    siss_finish_kernel<acc_t><<<static_cast<unsigned>(t.batch), kFinishThreads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), t.sigma.const_data_ptr<acc_t>(), chunks,
-        1.0 / static_cast<double>(t.numel), params, ell_x.mutable_data_ptr<acc_t>(), ell_a.mutable_data_ptr<acc_t>(),
-        w_x.mutable_data_ptr<acc_t>(), w_a.mutable_data_ptr<acc_t>());
+    siss_finish_kernel<acc_t, pred_t, lat_t><<<static_cast<unsigned>(t.batch), kFinishThreads, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(),
+        t.sigma.const_data_ptr<acc_t>(), chunks, t.numel, params, ell_x.mutable_data_ptr<acc_t>(),
+        ell_a.mutable_data_ptr<acc_t>(), w_x.mutable_data_ptr<acc_t>(), w_a.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ell_x, ell_a, w_x, w_a};
