@@ -1,0 +1,94 @@
+"""The embedded demo (layer 5): digits + a planted T-shirt, a shipped base DDPM, SISS unlearning, a report.
+
+    siss-fast demo [--out DIR]            # measure, unlearn with SISS, measure, write DIR/report.md (a few minutes)
+    siss-fast demo --compare              # every method of SPEC §5, same budget and seed, + pareto.png
+    siss-fast demo --pretrain --out DIR   # re-train the shipped base model and classifier (seeded)
+    siss-fast report RUN_DIR              # rebuild RUN_DIR/report.md from RUN_DIR/report.json
+
+The command-line glue lives here (:func:`add_demo_arguments`, :func:`demo_main`, :func:`report_main`) so that
+``siss_fast/cli.py`` only wires two subparsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+__all__ = ["add_demo_arguments", "demo_main", "add_report_arguments", "report_main", "main"]
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .run import DemoConfig
+
+    d = DemoConfig()
+    parser.add_argument("--out", default=None, help="run directory (default runs/demo, runs/demo-compare, "
+                        "runs/pretrain with --pretrain)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--compare", action="store_true", help="run every method of SPEC §5 with the same budget")
+    mode.add_argument("--pretrain", action="store_true", help="re-train the base model and classifier (seeded)")
+    parser.add_argument("--model", default=None, help="base model folder written by --pretrain (default: shipped)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--steps", type=int, default=d.max_steps, help="unlearning budget in optimizer steps")
+    parser.add_argument("--num-samples", type=int, default=d.num_samples, help="samples for before/after metrics")
+    parser.add_argument("--sampler-steps", type=int, default=d.sampler_steps, help="DDIM steps")
+    parser.add_argument("--backend", choices=("auto", "engine", "direct"), default=d.backend,
+                        help="unlearning loop: the engine (auto, if present) or the direct objectives+combiner loop")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-likelihood", action="store_true", help="skip the bits/dim bound")
+    return parser
+
+
+def _command(args: argparse.Namespace) -> List[str]:
+    """The demo options of ``args`` as an argument list (recorded in report.json)."""
+    out = []
+    for key, value in sorted(vars(args).items()):
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
+    from pathlib import Path
+
+    argv = _command(args) if argv is None else argv
+
+    if args.pretrain:
+        from .pretrain import pretrain
+
+        pretrain(Path(args.out or "runs/pretrain"), seed=args.seed)
+        return 0
+    from .run import DemoConfig, run_compare, run_demo
+
+    cfg = DemoConfig(out=args.out or ("runs/demo-compare" if args.compare else "runs/demo"), model=args.model,
+                     seed=args.seed, max_steps=args.steps, num_samples=args.num_samples,
+                     sampler_steps=args.sampler_steps, backend=args.backend, threads=args.threads,
+                     likelihood=not args.no_likelihood)
+    report = (run_compare if args.compare else run_demo)(cfg, argv)
+    if args.compare:
+        return 0
+    print(Path(cfg.out, "report.md").read_text())
+    return 0 if all(report["pass_criteria"].values()) else 1
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding report.json")
+    return parser
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from .report import rebuild_report
+
+    path = rebuild_report(args.run_dir)
+    print(path.read_text())
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m siss_fast.demo [demo options]`` (same options as ``siss-fast demo``)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m siss_fast.demo"))
+    return demo_main(parser.parse_args(argv), argv)

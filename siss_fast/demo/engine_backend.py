@@ -1,0 +1,79 @@
+"""The demo's unlearning step through the engine (``siss_fast.engine.unlearn``), layer 5 on top of layer 4.
+
+The demo's data become two image folders in the run directory (``data/retain``: the 1,797 digits as 16x16 8-bit
+PNGs; ``data/forget``: the one planted image -- the engine samples with replacement, so one file stands for its 75
+copies), the engine runs with its defaults except for what the demo's scale sets (batch, learning rate, budget)
+and its validation uses this package's metrics (``forget_rate``, ``classifier_quality``, registered with the
+engine's metric registry). The engine writes ``metrics.jsonl``, ``manifest.json``, ``best.safetensors`` and
+``final/`` into the run directory; the demo then loads ``final/`` (the best validated state that met the forget
+target, else the end state) for the after-measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+
+from .data import DemoData, to_unit
+
+__all__ = ["write_image_folders", "engine_config", "unlearn_engine"]
+
+
+def write_image_folders(data: DemoData, root: Path) -> Dict[str, Path]:
+    """``root/retain/NNNN.png`` (digits) and ``root/forget/forget_000.png`` (distinct forget images), 8-bit."""
+    from PIL import Image
+
+    folders = {"retain": Path(root) / "retain", "forget": Path(root) / "forget"}
+    for name, images in (("retain", data.retain), ("forget", data.forget_image)):
+        folder = folders[name]
+        folder.mkdir(parents=True, exist_ok=True)
+        arrs = (to_unit(images)[:, 0] * 255).round().to(torch.uint8).numpy()
+        for i, arr in enumerate(arrs):
+            Image.fromarray(arr, mode="L").save(folder / (f"{i:04d}.png" if name == "retain" else f"forget_{i:03d}.png"))
+    return folders
+
+
+def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path]) -> Dict[str, Any]:
+    """The engine config of a demo run (a plain dict, validated by the engine)."""
+    return {
+        "model": {"path": str(model_dir)},
+        "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},
+        "method": {"name": cfg.method, **({"lambd": cfg.lambd} if cfg.method in ("siss", "bernoulli") else {}),
+                   **({"weight_clip": cfg.weight_clip} if cfg.weight_clip is not None else {})},
+        "gradient": {"scaling_norm": cfg.scaling_norm, "max_grad_norm": cfg.max_grad_norm},
+        "train": {"steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+                  "device": "cpu"},
+        "checkpoint": {"every": 0},
+        "validation": {
+            "every": cfg.val_every, "num_samples": cfg.val_samples, "sampler_steps": cfg.sampler_steps,
+            "seed": cfg.seed + 1, "batch_size": cfg.val_samples,
+            "metrics": ["forget_rate", "classifier_quality"],
+            "metric_options": {"classifier_quality": {"classifier": str(Path(model_dir) / "classifier.safetensors")}},
+            "forget_metric": "forget_rate", "forget_target": cfg.forget_target,
+            "quality_metric": "classifier_quality", "quality_tolerance": cfg.quality_tolerance,
+            "min_steps": cfg.min_steps,
+        },
+        "log": {"progress": False},
+        "output_dir": str(run_dir),
+    }
+
+
+def unlearn_engine(unet, model_dir: Path, classifier, data: DemoData, cfg, *, run_dir: Path,
+                   log: Callable[[Dict], None], start: float) -> Dict[str, Any]:
+    """Run the engine on the demo's data; load its final model into ``unet`` (in place). ``log`` is unused: the
+    engine writes ``metrics.jsonl`` itself."""
+    from diffusers import UNet2DModel
+
+    import siss_fast.metrics  # noqa: F401  (registers forget_rate / classifier_quality with the engine)
+    from siss_fast.engine import unlearn
+
+    folders = write_image_folders(data, Path(run_dir) / "data")
+    result = unlearn(engine_config(cfg, Path(model_dir), Path(run_dir), folders))
+    final = UNet2DModel.from_pretrained(str(Path(result.final_dir) / "unet"), use_safetensors=True,
+                                        local_files_only=True)
+    unet.load_state_dict(final.state_dict())
+    unet.eval()
+    return {"steps": result.steps_done, "final_step": result.best_step if result.best_step is not None
+            else result.steps_done, "stop_reason": result.stop_reason, "final_dir": str(result.final_dir)}

@@ -1,0 +1,200 @@
+"""Run-directory reports: sample grids, ``report.md`` from ``report.json``, the comparison plot.
+
+``siss-fast report RUN_DIR`` calls :func:`rebuild_report`: it needs only ``report.json`` (and the PNGs it names),
+so a run directory can be re-rendered anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["save_grid", "render_report", "rebuild_report", "save_pareto_plot", "METRIC_DOCS"]
+
+# metric key -> (direction, description) shown in report.md
+METRIC_DOCS = {
+    "forget_rate": ("lower", "share of generated samples within L2 3.0 of the planted T-shirt ([0, 1] pixels)"),
+    "quality": ("higher", "Inception-Score-style score of the digits classifier on the non-T-shirt samples (max 10)"),
+    "class_entropy": ("higher", "entropy of the predicted digit classes / log 10 (1 = balanced)"),
+    "min_class_share": ("higher", "rarest digit's share x 10 (1 = balanced, 0 = a digit is missing)"),
+    "confidence": ("higher", "mean max class probability of the classifier on the non-T-shirt samples"),
+    "forget_loss": ("higher", "denoising loss of the T-shirt at fixed (t, eps) (membership signal)"),
+    "retain_loss": ("flat", "denoising loss of 256 retained digits at fixed (t, eps)"),
+    "loss_ratio": ("higher", "forget_loss / retain_loss (< 1: the forget image looks like training data)"),
+    "forget_bpd": ("higher", "variational bound (not ODE) on -log p(T-shirt), bits/dim"),
+    "retain_bpd": ("flat", "variational bound on -log p(digit), bits/dim, mean of 4 retained digits"),
+    "n_samples": ("", "number of generated samples scored"),
+}
+
+
+def save_grid(images: Tensor, path, *, nrow: Optional[int] = None, highlight: Optional[Tensor] = None,
+              scale: int = 2) -> None:
+    """Save ``(N, C, H, W)`` images in [0, 1] as a PNG grid; ``highlight`` ``(N,)`` bool draws a red frame."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / cols))
+    pad = 2
+    grid = torch.ones((3, rows * (h + pad) + pad, cols * (w + pad) + pad)) * 0.5
+    rgb = images.expand(-1, 3, -1, -1) if c == 1 else images[:, :3]
+    for i in range(n):
+        r, q = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        if highlight is not None and bool(highlight[i]):
+            grid[:, y - 1:y + h + 1, x - 1:x + w + 1] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+        grid[:, y:y + h, x:x + w] = rgb[i]
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr, mode="RGB")
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def _change(before, after) -> str:
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)) or isinstance(before, bool):
+        return ""
+    if before == 0 or math.isnan(before) or math.isnan(after):
+        return ""
+    return f"{100.0 * (after - before) / abs(before):+.1f} %"
+
+
+def render_report(report: Dict, run_dir: Path) -> str:
+    """``report.md`` text from a ``report.json`` dict (before/after table, grids that exist, stop rule, checks)."""
+    run_dir = Path(run_dir)
+    before, after = report.get("before", {}), report.get("after", {})
+    lines = [f"# Unlearning report: {report.get('title', run_dir.name)}", ""]
+    method = report.get("method")
+    lines.append(f"- method: `{json.dumps(method) if isinstance(method, dict) else method}`")
+    for key in ("backend", "steps", "stop_reason", "wall_s", "unlearn_wall_s", "base_model_sha256", "command"):
+        if key in report:
+            lines.append(f"- {key}: `{report[key]}`")
+    lines += ["", "| metric | before | after | change | better | definition |", "|---|---|---|---|---|---|"]
+    keys = [k for k in METRIC_DOCS if k in before or k in after]
+    keys += [k for k in list(before) + list(after) if k not in keys and k not in METRIC_DOCS]
+    seen = set()
+    for k in keys:
+        if k in seen:
+            continue
+        seen.add(k)
+        direction, doc = METRIC_DOCS.get(k, ("", ""))
+        lines.append(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} | {_change(before.get(k), after.get(k))}"
+                     f" | {direction} | {doc} |")
+    checks = report.get("pass_criteria")
+    if checks:
+        lines += ["", "## Pass criteria (issue 6)", ""]
+        for name, ok in checks.items():
+            lines.append(f"- {'PASS' if ok else 'FAIL'}: {name}")
+    grids = report.get("grids", {})
+    if grids:
+        lines += ["", "## Samples (fixed seeds; red frame: within the forget threshold of the planted image)", ""]
+        for label, rel in grids.items():
+            if (run_dir / rel).exists():
+                lines.append(f"**{label}**  ")
+                lines.append(f"![{label}]({rel})")
+                lines.append("")
+    compare = report.get("compare")
+    if compare:
+        lines += ["", "## Comparison of methods (same budget and seed)", "",
+                  "| method | steps | stop | forget_rate | quality | class_entropy | forget_loss | retain_loss | wall_s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in compare:
+            a = row.get("after", {})
+            lines.append(f"| {row['name']} | {row.get('steps')} | {row.get('stop_reason')} | "
+                         f"{_fmt(a.get('forget_rate'))} | {_fmt(a.get('quality'))} | {_fmt(a.get('class_entropy'))} | "
+                         f"{_fmt(a.get('forget_loss'))} | {_fmt(a.get('retain_loss'))} | {_fmt(row.get('wall_s'))} |")
+        if (run_dir / "pareto.png").exists():
+            lines += ["", "![quality vs forget rate](pareto.png)", ""]
+    notes = report.get("notes")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def rebuild_report(run_dir) -> Path:
+    """Rewrite ``RUN_DIR/report.md`` from ``RUN_DIR/report.json``. Returns the path written."""
+    run_dir = Path(run_dir)
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"RUN_DIR: expected {path} (a run directory written by `siss-fast demo`)")
+    report = json.loads(path.read_text())
+    out = run_dir / "report.md"
+    out.write_text(render_report(report, run_dir))
+    return out
+
+
+def save_pareto_plot(rows: Sequence[Dict], path, *, baseline: Optional[Dict] = None) -> str:
+    """Quality vs forget rate, one point per method (the paper's Pareto picture). matplotlib if installed, else a
+    plain PIL drawing. Returns the backend used."""
+    pts = [(r["name"], r["after"].get("forget_rate", float("nan")), r["after"].get("quality", float("nan")))
+           for r in rows]
+    if baseline:
+        pts.append(("before", baseline.get("forget_rate", float("nan")), baseline.get("quality", float("nan"))))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+        for name, fr, q in pts:
+            ax.scatter([100 * fr], [q], marker="x" if name == "before" else "o", s=50)
+            ax.annotate(name, (100 * fr, q), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xlabel("forget rate (% of samples that are the planted image)")
+        ax.set_ylabel("quality (classifier Inception-style score)")
+        ax.set_title("Unlearning methods: quality vs forget rate (same budget, seed)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return "matplotlib"
+    except ImportError:
+        _pil_scatter(pts, path)
+        return "pil"
+
+
+def _pil_scatter(pts: List, path) -> None:
+    from PIL import Image, ImageDraw
+
+    W, H, m = 640, 480, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [100 * p[1] for p in pts if not math.isnan(p[1])] or [0.0]
+    ys = [p[2] for p in pts if not math.isnan(p[2])] or [0.0]
+    x0, x1 = 0.0, max(xs) * 1.1 + 1e-6
+    y0, y1 = min(ys) * 0.95, max(ys) * 1.05 + 1e-6
+    d.rectangle([m, m // 2, W - m // 2, H - m], outline="black")
+    d.text((W // 2 - 120, H - m + 25), "forget rate (%)", fill="black")
+    d.text((5, m // 2 - 20), "quality", fill="black")
+    for i in range(5):
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        px = m + (W - 1.5 * m) * i / 4
+        py = H - m - (H - 1.5 * m) * i / 4
+        d.text((px - 10, H - m + 5), f"{xv:.1f}", fill="black")
+        d.text((5, py - 5), f"{yv:.2f}", fill="black")
+    for name, fr, q in pts:
+        if math.isnan(fr) or math.isnan(q):
+            continue
+        px = m + (W - 1.5 * m) * (100 * fr - x0) / (x1 - x0)
+        py = H - m - (H - 1.5 * m) * (q - y0) / (y1 - y0)
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill="red" if name == "before" else "blue")
+        d.text((px + 6, py - 6), name, fill="black")
+    img.save(path)

@@ -1,0 +1,93 @@
+"""The embedded demo, shortened: data, the shipped base model, a short SISS run, the run directory and report."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sklearn")
+
+from siss_fast.demo.data import FORGET_COPIES, demo_data, to_unit, tshirt_glyph  # noqa: E402
+from siss_fast.demo.models import SHIPPED_MODEL  # noqa: E402
+
+needs_weights = pytest.mark.skipif(not (SHIPPED_MODEL / "unet").is_dir(),
+                                   reason="shipped demo weights missing (siss-fast demo --pretrain)")
+
+
+def test_demo_data():
+    data = demo_data()
+    assert data.retain.shape == (1797, 1, 16, 16) and data.retain_labels.shape == (1797,)
+    assert data.forget.shape == (FORGET_COPIES, 1, 16, 16)
+    assert data.retain.min() >= -1 and data.retain.max() <= 1
+    assert 0.03 <= FORGET_COPIES / data.train.shape[0] <= 0.05          # a few percent, like the paper's 1 %
+    assert torch.equal(data.forget[0], tshirt_glyph())
+    # the planted image is far from every digit (the forget-rate threshold is 3.0)
+    dist = (to_unit(data.retain) - to_unit(data.forget_image)).flatten(1).norm(dim=1)
+    assert dist.min() > 6.0
+
+
+@needs_weights
+def test_shortened_demo_writes_the_run_directory_and_forgets(tmp_path):
+    from siss_fast.demo import add_report_arguments, report_main
+    from siss_fast.demo.run import DemoConfig, run_demo
+
+    torch.manual_seed(0)
+    cfg = DemoConfig(out=str(tmp_path / "run"), num_samples=200, sampler_steps=10, max_steps=30, val_every=10,
+                     val_samples=100, likelihood=False)
+    report = run_demo(cfg)
+    run = Path(cfg.out)
+    for name in ("report.md", "report.json", "grid_before.png", "grid_after.png", "metrics.jsonl", "manifest.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "report.json").read_text())
+    for key in ("before", "after", "method", "steps", "wall_s"):
+        assert key in saved
+    for key in ("forget_rate", "quality", "forget_loss", "retain_loss"):
+        assert key in saved["before"] and key in saved["after"]
+    before, after = report["before"], report["after"]
+    assert before["forget_rate"] > 0                      # the base model generates the planted image
+    assert after["forget_rate"] < before["forget_rate"]    # ... and less of it after unlearning
+    assert after["forget_loss"] > before["forget_loss"]    # the membership signal moves the right way
+    assert after["quality"] > 0.8 * before["quality"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["forget_items"][0]["copies_in_training_set"] == FORGET_COPIES
+    assert len(manifest["forget_items"][0]["sha256"]) == 64 and len(manifest["base_model"]["sha256"]) == 64
+    assert manifest["metrics_before"]["forget_rate"] == before["forget_rate"]
+    assert "software" in manifest and "config" in manifest
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert lines and all("step" in x for x in lines)
+    # siss-fast report RUN_DIR rebuilds report.md from report.json
+    (run / "report.md").unlink()
+    import argparse
+
+    args = add_report_arguments(argparse.ArgumentParser()).parse_args([str(run)])
+    assert report_main(args) == 0
+    text = (run / "report.md").read_text()
+    assert "forget_rate" in text and "grid_after.png" in text
+
+
+def test_report_rebuild_requires_report_json(tmp_path):
+    from siss_fast.demo.report import rebuild_report
+
+    with pytest.raises(FileNotFoundError, match="report.json"):
+        rebuild_report(tmp_path)
+
+
+def test_pareto_plot_falls_back_to_pil(tmp_path, monkeypatch):
+    import builtins
+
+    from siss_fast.demo.report import save_pareto_plot
+
+    rows = [{"name": "siss", "after": {"forget_rate": 0.0, "quality": 7.0}},
+            {"name": "naive", "after": {"forget_rate": 0.02, "quality": 7.2}}]
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert save_pareto_plot(rows, tmp_path / "p.png", baseline={"forget_rate": 0.04, "quality": 7.1}) == "pil"
+    assert (tmp_path / "p.png").stat().st_size > 0
