@@ -2,7 +2,8 @@
 # The GPU pass, for a CUDA machine without network access, in under 8 minutes (about 4 with --quick):
 #   1. build the CUDA extension in place (for this GPU's architecture only),
 #   2. the GPU tests (pytest -m cuda tests/) and the oracle suite on GPU tensors with the cuda and triton backends,
-#   3. the GPU benchmarks (every provider side by side), JSON + markdown under ${OUT:-benchmarks/results}.
+#   3. the GPU benchmarks (every provider side by side), JSON + markdown under ${OUT:-benchmarks/results},
+#   4. the engine step benchmark with a Stable Diffusion v1 sized UNet (bench_engine.py --sd-v1; ENGINE=0 skips it).
 # Usage:  bash benchmarks/gpu_suite.sh [--quick]        env: PYTHON (default python), OUT, MAX_JOBS, BUDGET_S (480)
 # Every step has a time limit taken from what is left of BUDGET_S; a benchmark cut short keeps the rows it finished
 # (the scripts rewrite their JSON after each shape/dtype group). Exit status: 0 only if every step passed.
@@ -65,6 +66,18 @@ run_limited $(( $(left) / 3 )) "$OUT/gpu-mixture_noise.log" "$PY" benchmarks/ben
   --out "$OUT/gpu-mixture_noise-$stamp.json"
 run_limited $(( $(left) - 5 )) "$OUT/gpu-siss_loss.log" "$PY" benchmarks/bench_siss_loss.py --device cuda $QUICK \
   --out "$OUT/gpu-siss_loss-$stamp.json"
+
+step "4. engine step benchmark, Stable Diffusion v1 sized UNet (random weights; ENGINE=0 skips)"
+if [ "${ENGINE:-1}" != "0" ]; then
+  ENGINE_PROVIDERS="research-loop,lean-exact,lean-lagged,naive-finetune,lean-exact-bf16-ckpt"
+  [ -z "$QUICK" ] && ENGINE_PROVIDERS="$ENGINE_PROVIDERS,lean-exact-2bwd,lean-lagged-1bwd"
+  # side by side in one process (step times; memory: 'own MB' in the notes) ...
+  run_limited $(( $(left) - 60 )) "$OUT/gpu-engine.log" "$PY" benchmarks/bench_engine.py --device cuda --sd-v1 $QUICK \
+    --providers "$ENGINE_PROVIDERS" --out "$OUT/gpu-engine-$stamp.json"
+  # ... and bf16 + gradient checkpointing alone, so that max_memory_allocated is its own (the 24 GB check)
+  run_limited $(( $(left) - 5 )) "$OUT/gpu-engine-bf16.log" "$PY" benchmarks/bench_engine.py --device cuda --sd-v1 \
+    --quick --providers lean-exact-bf16-ckpt --out "$OUT/gpu-engine-bf16-alone-$stamp.json"
+fi
 
 step "done: status $status"
 ls -l "$OUT" | grep -E "gpu-" || true
