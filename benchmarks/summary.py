@@ -47,6 +47,10 @@ def kernel_table(path: Path) -> str:
                      f"{_fmt_ratio(r.get('speedup_vs_compiled'))} |")
     targets = data.get("targets") or []
     for t in targets:
+        if t.get("ratio") is None:
+            lines.append(f"\nTarget: `{t['provider']}` ≥ {t['min_ratio']}× `{t['baseline']}`: not measured "
+                         f"({t.get('verdict', 'no timed row')})")
+            continue
         lines.append(
             f"\nTarget: `{t['provider']}` ≥ {t['min_ratio']}× `{t['baseline']}` ({t['op']} {t['mode']}, {t['shape']} "
             f"{t['dtype']}, {t.get('threads', '?')} threads): median ratio {t['ratio']:.2f}×, ratio of minimums "
@@ -54,8 +58,25 @@ def kernel_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def engine_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if r.get("status") == "ok"]
+    lines = [f"**{data.get('title', path.stem)}** — {_machine(data['header'])} (`{path.name}`)", "",
+             "| provider | batch shape | mode | median ms / step | notes |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['provider']} | {r['shape']} | {r['mode']} | {r['median_ms']:.0f} | {r.get('note', '')} |")
+    for t in data.get("targets") or []:
+        if t["min_ratio"] < 1:  # a cost bound: the provider's step time over the baseline's
+            measured = (f"{t['provider']} takes {1 / t['ratio']:.2f}× the time of {t['baseline']} "
+                        f"(minimums {1 / t['ratio_of_minimums']:.2f}×)")
+        else:
+            measured = f"median ratio {t['ratio']:.2f}× (minimums {t['ratio_of_minimums']:.2f}×)"
+        lines.append(f"\nTarget: {t.get('statement', t['provider'])} ({t['mode']}): {measured} — **{t['verdict']}**")
+    return "\n".join(lines)
+
+
 def build(files) -> str:
-    blocks = [kernel_table(p) for p in files]
+    blocks = [engine_table(p) if "engine" in p.stem else kernel_table(p) for p in files]
     blocks = [b for b in blocks if b]
     if not any("gpu" in p.name for p in files):
         blocks.append("GPU (H200 or other): not measured — no GPU run has been made yet; "
@@ -68,7 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="update README.md between the markers")
     parser.add_argument("files", nargs="*", type=Path, help="result JSON files (default: the README set)")
     args = parser.parse_args(argv)
-    files = args.files or sorted(p for p in RESULTS.glob("*.json") if p.stem.startswith(("cpu-2t-target", "gpu-")))
+    files = args.files or sorted(p for p in RESULTS.glob("*.json") if p.stem.startswith(("cpu-2t-target", "cpu-engine", "gpu-")))
     table = build(files)
     if not args.write:
         print(table)

@@ -41,7 +41,7 @@ def test_forget_rate_counts_samples_within_threshold():
     assert forget_rate(samples, a, threshold=0.3) == pytest.approx(0.25)
     # nearest of several forget images
     assert forget_rate(far, torch.cat([a, far]), threshold=0.1) == 1.0
-    assert FORGET_THRESHOLD == 3.0
+    assert 0 < FORGET_THRESHOLD < 6.0  # below the nearest real digit (6.75, see test_demo_data)
 
 
 def test_forget_rate_rejects_mismatched_images():

@@ -18,7 +18,7 @@ __all__ = ["save_grid", "render_report", "rebuild_report", "save_pareto_plot", "
 
 # metric key -> (direction, description) shown in report.md
 METRIC_DOCS = {
-    "forget_rate": ("lower", "share of generated samples within L2 3.0 of the planted T-shirt ([0, 1] pixels)"),
+    "forget_rate": ("lower", "share of generated samples within L2 4.5 of the planted T-shirt ([0, 1] pixels)"),
     "quality": ("higher", "Inception-Score-style score of the digits classifier on the non-T-shirt samples (max 10)"),
     "class_entropy": ("higher", "entropy of the predicted digit classes / log 10 (1 = balanced)"),
     "min_class_share": ("higher", "rarest digit's share x 10 (1 = balanced, 0 = a digit is missing)"),

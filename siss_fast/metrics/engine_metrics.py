@@ -4,7 +4,7 @@ Registered names (for ``validation.metrics`` / ``forget_metric`` / ``quality_met
 
 * ``forget_rate`` (lower is better): :func:`siss_fast.metrics.forget_rate` against the run's forget images.
   Option ``threshold``: L2 distance over all pixels in [0, 1]; default ``0.1875 * sqrt(D)`` (D = C*H*W), i.e. the
-  demo's calibrated 3.0 at 16x16 (an RMS pixel error of 0.1875).
+  demo's calibrated 4.5 at 16x16 (an RMS pixel error of 0.28).
 * ``classifier_quality`` (higher is better): the Inception-Score-style quality of the samples that are not forget
   images, under a classifier. Option ``classifier``: a ``DigitClassifier`` safetensors file (default: the one
   shipped with the demo's base model); the images must be 1x16x16.

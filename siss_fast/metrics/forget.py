@@ -4,11 +4,12 @@ A generated sample ``s`` counts as the forget image ``a`` when ``||s - a||_2 <= 
 over all pixels. The paper counts MNIST-model samples that a classifier calls a T-shirt; here the planted image is
 one fixed picture, so a nearest-neighbour distance is exact and needs no extra network.
 
-Calibration of :data:`FORGET_THRESHOLD` = 3.0 on the demo's 16x16 data (D = 256 pixels in [0, 1]): the nearest of
+Calibration of :data:`FORGET_THRESHOLD` = 4.5 on the demo's 16x16 data (D = 256 pixels in [0, 1]): the nearest of
 the 1,797 real digits is at L2 distance 6.75 from the planted T-shirt (median 8.4), so no real digit is within
 the threshold (false-positive rate 0 on real data). Samples of the base model are bimodal in this distance: its
-T-shirts lie at ~0.5-2 (a root-mean-square pixel error of at most 0.19 for 3.0), its digits beyond ~6. Any
-threshold in [2.5, 5] gives the same rates on the shipped model's samples.
+T-shirts lie at ~0.1-2, its digits beyond ~6. Partly unlearned models also make *degraded* T-shirts at ~3-4 that
+still read as T-shirts to the eye, so the threshold sits in the middle of the gap (4.5, a root-mean-square pixel
+error of 0.28) rather than near the clean T-shirts: a stricter threshold would count a half-forgotten model as done.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .quality import classifier_quality
 
 __all__ = ["FORGET_THRESHOLD", "forget_distances", "forget_mask", "forget_rate", "evaluate_samples"]
 
-FORGET_THRESHOLD = 3.0
+FORGET_THRESHOLD = 4.5
 
 
 def _flat(x: Tensor, name: str) -> Tensor:
