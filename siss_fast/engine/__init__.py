@@ -12,6 +12,13 @@ Modules, each readable in one sitting:
 * :mod:`.validation` -- DDIM samples with fixed seeds, the metric registry, stop rules.
 
 Importing this package does not import diffusers or transformers; :func:`unlearn` does.
+
+Reliability (``tests/test_reliability.py``): a killed run resumes from its last complete checkpoint to the same final
+weights; a non-finite step is skipped and counted (weights and optimizer state untouched), too many in a row stop the
+run; a full disk stops the run with the previous checkpoint intact (:mod:`.checkpoint`); weights are read from
+safetensors, pickles only with ``model.allow_pickle`` and ``weights_only=True``; nothing touches the network; the
+manifest records sha256 hashes of the forget items and of the base and final models; ``train.deterministic: true``
+makes CPU runs bit-identical (what holds on CUDA: :mod:`.loop`).
 """
 
 from __future__ import annotations

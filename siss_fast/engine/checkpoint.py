@@ -14,6 +14,19 @@ Everything is written into ``.tmp-step-N/`` and renamed into place with one ``os
 point leaves no ``step-N`` folder (stale ``.tmp-*`` folders are removed by the next save). Loading verifies the
 hashes: a missing or damaged file raises :class:`CheckpointError` -- never a silent start from garbage. Only the last
 ``keep_last`` checkpoints are kept.
+
+Faults (tested in ``tests/test_reliability.py``):
+
+* ``SIGKILL`` at any moment, including mid-save, leaves at worst a ``.tmp-step-N/`` folder, which is never listed or
+  loadable (no ``COMPLETE.json``); ``resume=latest`` picks the last complete checkpoint, and the resumed run's final
+  weights equal an uninterrupted run's (CPU). Files are not fsync'ed: a power loss (not a process kill) right after a
+  save may need the checkpoint before it.
+* Disk full (any ``OSError`` while writing): the half-written temp folder is deleted (freeing its space), the older
+  checkpoints are untouched, and :class:`CheckpointError` says so -- **the run stops**. Going on without checkpoints
+  would silently put hours of work at the mercy of the next crash; free space and ``resume=latest`` instead.
+* Only ``unet.safetensors``, ``trainer.pt`` and ``rng-rank{r}.pt`` are read (after their hashes check out), the two
+  ``.pt`` files with ``torch.load(weights_only=True)``: a checkpoint folder holding a foreign pickle cannot execute
+  code; any other file in the folder is never loaded.
 """
 
 from __future__ import annotations
@@ -117,20 +130,29 @@ def save_checkpoint(root: Path, step: int, unet_state: Dict[str, torch.Tensor], 
         if _fail_after == name:
             raise KeyboardInterrupt(f"simulated crash after writing {name}")
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet_state.items()}
-    save_file(tensors, str(tmp / "unet.safetensors"))
-    written("unet.safetensors")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    written("trainer.pt")
-    for rank, rng in rng_states.items():
-        torch.save(rng, tmp / f"rng-rank{rank}.pt")
-        written(f"rng-rank{rank}.pt")
-    hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    (tmp / "COMPLETE.json").write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
-    written("COMPLETE.json")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet_state.items()}
+        save_file(tensors, str(tmp / "unet.safetensors"))
+        written("unet.safetensors")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        written("trainer.pt")
+        for rank, rng in rng_states.items():
+            torch.save(rng, tmp / f"rng-rank{rank}.pt")
+            written(f"rng-rank{rank}.pt")
+        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / "COMPLETE.json").write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
+        written("COMPLETE.json")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:  # disk full, quota, I/O error: drop the partial folder, keep the older ones, stop loudly
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = find_latest(root)
+        kept = (f"the previous checkpoint {str(previous)!r} is intact" if previous is not None
+                else "there is no earlier checkpoint")
+        raise CheckpointError(f"cannot write checkpoint step {step} in {str(root)!r}: {exc}. The run stops rather "
+                              f"than go on without checkpoints; {kept}: free space, then rerun with "
+                              "resume=latest") from exc
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -10,7 +10,7 @@ A config file is a YAML mapping with the sections below (every key optional exce
                  mode: exact, partitioned: true, lag_every: 10, eta: 0.1, max_consecutive_skips: 10}
     train:      {steps: 100, batch_size: 8, accumulation_steps: 1, lr: 5e-5, weight_decay: 0.01, betas: [0.9, 0.999],
                  eps: 1e-8, lr_schedule: constant, warmup_steps: 0, mixed_precision: "no", gradient_checkpointing: false,
-                 compile: false, seed: 0, device: auto, cpu_threads: null}
+                 compile: false, seed: 0, device: auto, cpu_threads: null, deterministic: false}
     checkpoint: {every: 0, keep_last: 2, resume: null | latest | DIR}
     validation: {every: 10, num_samples: 32, sampler_steps: 25, seed: 0, ... stop rules, see ValidationConfig}
     log:        {progress: true, tensorboard: false}
@@ -118,6 +118,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cpu_threads: Optional[int] = None  # torch.set_num_threads for the run (null: torch's default)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run (see engine.loop)
 
 
 @dataclass

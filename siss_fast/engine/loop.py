@@ -15,6 +15,21 @@ draw exactly what one process with ``accumulation_steps = W`` draws, and both ta
 Data parallel: the UNet is replicated (not DDP-wrapped: DDP forbids two backward passes through one forward,
 pytorch#47260); the combiner all-reduces ``G_a`` before its norm is read and ``G`` at the end of the step, so every
 norm and coefficient is global. Rank 0 validates, checkpoints and writes the outputs.
+
+Determinism (``train.deterministic: true``): the run seeds python, numpy and torch (CPU and CUDA) from
+``train.seed`` -- as every run does -- and in addition calls ``torch.use_deterministic_algorithms(True,
+warn_only=False)``, sets ``cudnn.deterministic = True`` / ``cudnn.benchmark = False`` and, on CUDA,
+``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless already set; it must be set before cuBLAS starts, so set it in the
+environment when the process has used CUDA before the run). All of it is restored when ``run`` returns.
+
+* CPU: two runs with the same config, thread count and software are bit-identical (weights and ``metrics.jsonl``
+  losses; tested), and so is a run resumed from a checkpoint (also without ``deterministic``).
+* CUDA: the siss_fast kernels avoid floating-point atomics and the Triton forward reductions run in a fixed order,
+  so they give the same bits every time. Not deterministic by default: cuDNN's convolution backward (algorithm
+  choice and split-K reductions), and UNet ops that use ``atomicAdd`` in their backward (e.g. upsampling
+  interpolation, index/scatter adds); ``deterministic: true`` forces deterministic algorithms for them, and any op
+  that has none raises a ``RuntimeError`` naming it (no ``warn_only``). Bits still change across GPU models,
+  CUDA/cuDNN/torch versions, ``mixed_precision`` settings, ``compile``, and world sizes (all-reduce order).
 """
 
 from __future__ import annotations
@@ -22,12 +37,14 @@ from __future__ import annotations
 import json
 import math
 import platform
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from . import checkpoint as CK
@@ -61,9 +78,11 @@ class _MetricsLog:
     def __init__(self, path: Path, resume_step: Optional[int], tensorboard_dir: Optional[Path]):
         self.path = path
         if resume_step is not None and path.is_file():  # drop records past the checkpoint we resume from
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0)
-                    <= resume_step]
-            path.write_text("".join(k + "\n" for k in keep))
+            keep = [ln for ln in path.read_text().splitlines() if (rec := _parse_record(ln)) is not None
+                    and rec.get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")  # a kill during the rewrite keeps the old file
+            tmp.write_text("".join(k + "\n" for k in keep))
+            tmp.replace(path)
         elif resume_step is None and path.is_file():
             path.unlink()
         self.writer = None
@@ -79,6 +98,15 @@ class _MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
                     self.writer.add_scalar(key, value, record.get("step", 0))
+
+
+def _parse_record(line: str) -> Optional[Dict[str, Any]]:
+    """One metrics line, or None for a blank or torn one (a process killed mid-write leaves a partial last line)."""
+    try:
+        rec = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -165,10 +193,20 @@ def run(cfg: EngineConfig, *, stop_after: Optional[int] = None, _fail_checkpoint
     threads = torch.get_num_threads()
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if cfg.train.deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reproducibility (CUDA >= 10.2)
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         return _run(cfg, stop_after, _fail_checkpoint_after)
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: Optional[str]) -> RunResult:
@@ -180,7 +218,9 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     dist.barrier()
-    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed % 2**32)
+    torch.manual_seed(cfg.train.seed)  # CPU and every CUDA device
 
     model = S.prepare_model(cfg, dist, out)
     run_data = S.prepare_data(cfg, model, device)
@@ -372,7 +412,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
                            "sha256": M.hash_model_folder(model.path)},
             "stop_reason": stop_reason,
             "steps_done": step,
-            "final_model": {"path": str(final_dir), "from": final_from},
+            "final_model": {"path": str(final_dir), "from": final_from, "sha256": M.hash_model_folder(final_dir)},
             "metrics_before": validator.scores_by_step.get(0) if validator else None,
             "metrics_after": (validator.scores_by_step.get(best_step if best_step is not None else step)
                               if validator else None),

@@ -137,7 +137,11 @@ def _load_component(cls: Any, folder: Path, allow_pickle: bool) -> Any:
         model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
     state: Dict[str, Any] = {}
     for w in weights:
-        state.update(torch.load(w, map_location="cpu", weights_only=True))
+        try:
+            state.update(torch.load(w, map_location="cpu", weights_only=True))
+        except Exception as exc:  # weights_only refuses code, unknown globals, and anything but tensors/containers
+            raise ModelError(f"{str(w)!r}: not loadable as plain weights with torch.load(weights_only=True) "
+                             f"(a pickle that is not a state dict is never executed): {exc}") from None
     model.load_state_dict(state)
     return model
 
