@@ -44,6 +44,7 @@ def test_examples_load_and_overrides(tmp_path):
     (["gradient.rule=sum"], r"gradient\.rule: expected one of"),
     (["gradient.scaling_norm=big"], r"gradient\.scaling_norm: expected a number > 0 or 'auto'"),
     (["gradient.mode=fast"], r"gradient\.mode"),
+    (["method=neggrad", "gradient.scaling_norm=auto"], r"gradient\.scaling_norm: expected a number > 0 for method neggrad"),
     (["checkpoint.keep_last=0"], r"checkpoint\.keep_last"),
     (["resume=/nonexistent/ckpt"], r"checkpoint\.resume"),
     (["validation.metrics=[nope]"], r"validation\.metrics\[0\]: unknown metric 'nope'"),

@@ -401,6 +401,9 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
     if isinstance(g.scaling_norm, str):
         _require(g.scaling_norm == "auto", "gradient.scaling_norm",
                  f"expected a number > 0 or 'auto', got {g.scaling_norm!r}")
+        # auto measures |G_x| on the first step; neggrad has no retain term to measure
+        _require(m.name != "neggrad", "gradient.scaling_norm",
+                 "expected a number > 0 for method neggrad ('auto' = 0.1 |G_x| needs a retain term), got 'auto'")
     else:
         _positive("gradient.scaling_norm", g.scaling_norm)
     _positive("gradient.max_forget_scale", g.max_forget_scale, allow_none=True)
