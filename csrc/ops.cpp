@@ -53,6 +53,44 @@ Prepared prepare_loss_args(const at::Tensor& pred, const at::Tensor& noisy, cons
   return p;
 }
 
+PreparedMixture prepare_mixture_args(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& noise,
+                                     const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask,
+                                     const char* op_name) {
+  TORCH_CHECK(x0.dim() >= 1 && x0.size(0) >= 1, op_name, ": x0 must have shape (B, ...) with B >= 1, got ",
+              x0.sizes());
+  TORCH_CHECK(a0.sizes() == x0.sizes() && noise.sizes() == x0.sizes(), op_name,
+              ": x0, a0, noise must share one shape, got ", x0.sizes(), ", ", a0.sizes(), ", ", noise.sizes());
+  TORCH_CHECK(a0.scalar_type() == x0.scalar_type() && noise.scalar_type() == x0.scalar_type(), op_name,
+              ": x0, a0, noise must share one dtype");
+  const int64_t batch = x0.size(0);
+  const at::ScalarType acc = x0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == batch && sigma.dim() == 1 && sigma.size(0) == batch &&
+                  mask.dim() == 1 && mask.size(0) == batch,
+              op_name, ": gamma, sigma, mask must have shape (", batch, ",)");
+  TORCH_CHECK(gamma.scalar_type() == acc && sigma.scalar_type() == acc, op_name, ": gamma and sigma must be ", acc);
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op_name, ": mask must be bool, got ", mask.scalar_type());
+  for (const at::Tensor* t : {&a0, &noise, &gamma, &sigma, &mask}) {
+    TORCH_CHECK(t->device() == x0.device(), op_name, ": all tensors must be on ", x0.device(), ", got one on ",
+                t->device());
+  }
+  PreparedMixture p;
+  p.x0 = x0.contiguous();
+  p.a0 = a0.contiguous();
+  p.noise = noise.contiguous();
+  p.gamma = gamma.contiguous();
+  p.sigma = sigma.contiguous();
+  p.mask = mask.contiguous();
+  p.batch = batch;
+  p.numel = x0.numel() / batch;
+  return p;
+}
+
+void check_loss_scalars(double lambd, const std::optional<double>& weight_clip, const char* op_name) {
+  TORCH_CHECK(lambd >= 0.0 && lambd <= 1.0, op_name, ": lambd must be in [0, 1], got ", lambd);
+  TORCH_CHECK(!weight_clip.has_value() || *weight_clip > 0.0, op_name, ": weight_clip must be > 0, got ",
+              *weight_clip);
+}
+
 at::Tensor per_sample_vector(const at::Tensor& v, int64_t batch, at::ScalarType dtype, const char* name,
                              const char* op_name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == batch, op_name, ": ", name, " must have shape (", batch, ",), got ",

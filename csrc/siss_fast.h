@@ -232,6 +232,19 @@ Prepared prepare_loss_args(const at::Tensor& pred, const at::Tensor& noisy, cons
                            const at::Tensor& a0, const at::Tensor& gamma, const at::Tensor& sigma,
                            const char* op_name);
 
+struct PreparedMixture {
+  at::Tensor x0, a0, noise, gamma, sigma, mask;
+  int64_t batch = 0;
+  int64_t numel = 0;  // D, elements per sample
+};
+
+PreparedMixture prepare_mixture_args(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& noise,
+                                     const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask,
+                                     const char* op_name);
+
+// lambd in [0, 1], weight_clip absent or > 0.
+void check_loss_scalars(double lambd, const std::optional<double>& weight_clip, const char* op_name);
+
 // Coerce a (B,) vector to a contiguous tensor of `dtype` (upstream gradients may be expanded scalars).
 at::Tensor per_sample_vector(const at::Tensor& v, int64_t batch, at::ScalarType dtype, const char* name,
                              const char* op_name);

@@ -215,8 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(
     const at::Tensor& pred_in, const at::Tensor& noisy_in, const at::Tensor& x0_in, const at::Tensor& a0_in,
     const at::Tensor& gamma_in, const at::Tensor& sigma_in, double lambd, std::optional<double> weight_clip) {
   constexpr const char* op = "siss_fast::siss_loss_forward_ext";
-  TORCH_CHECK(lambd >= 0.0 && lambd <= 1.0, op, ": lambd must be in [0, 1], got ", lambd);
-  TORCH_CHECK(!weight_clip.has_value() || *weight_clip > 0.0, op, ": weight_clip must be > 0, got ", *weight_clip);
+  check_loss_scalars(lambd, weight_clip, op);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const Prepared t = prepare_loss_args(pred_in, noisy_in, x0_in, a0_in, gamma_in, sigma_in, op);
   const WeightParams params = make_weight_params(lambd, weight_clip, t.gamma.scalar_type());
