@@ -29,6 +29,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _ieee_denormals():
+    """Every test starts with IEEE subnormals (no flush-to-zero), whatever an earlier test or library set."""
+    torch.set_flush_denormal(False)
+    yield
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request):
     """Run the test once per backend available for CPU tensors; restore the previous choice afterwards."""

@@ -52,3 +52,26 @@ def tiny_model(kind: str) -> Path:
         root = Path(tempfile.mkdtemp(prefix="siss_fast_tiny_"))
         _BUILT[kind] = build_tiny("tiny-ddpm" if kind == "ddpm" else "tiny-sd", root / kind)
     return _BUILT[kind]
+
+
+def ddp_worker(rank, world, port, cfg_dict, queue):
+    """One rank of a spawned data-parallel run (top-level in an importable module so spawn can pickle it)."""
+    import os
+
+    import torch
+
+    from siss_fast.engine.config import load_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from siss_fast.engine.loop import run
+
+    try:
+        run(load_config(cfg_dict))
+        queue.put((rank, "ok"))
+    except Exception as exc:  # report to the parent instead of hanging
+        queue.put((rank, repr(exc)))
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_helpers import base_config, tiny_model  # noqa: E402
+from engine_helpers import base_config, ddp_worker, tiny_model  # noqa: E402
 
 from siss_fast.engine import load_config  # noqa: E402
 from siss_fast.engine.partition import PartitionedForward  # noqa: E402
@@ -76,22 +76,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, cfg_dict, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    from siss_fast.engine.loop import run
-
-    try:
-        run(load_config(cfg_dict))
-        queue.put((rank, "ok"))
-    except Exception as exc:  # report to the parent instead of hanging
-        queue.put((rank, repr(exc)))
-        raise
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
 def test_two_processes_equal_one_process(tmp_path):
     """2 gloo processes x batch b (accumulation 1) == 1 process x 2 micro-batches of b (the global batch 2b)."""
     import torch.multiprocessing as mp
@@ -103,7 +87,8 @@ def test_two_processes_equal_one_process(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, two, queue)) for r in range(2)]
+    # the worker lives in engine_helpers: spawned children import it from the tests folder on sys.path
+    procs = [ctx.Process(target=ddp_worker, args=(r, 2, port, two, queue)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -288,9 +288,13 @@ def test_set_cpu_capability_rejects_unknown_names():
 def test_cpu_capability_environment_override():
     code = "from siss_fast import _extension as e; print(e.cpu_capability())"
     env = {**os.environ, "SISS_FAST_CPU_CAPABILITY": "default"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import siss_fast
+
+    # the child imports the same siss_fast as this process (installed or in-tree build), not the cwd's source tree
+    root = os.path.dirname(os.path.dirname(os.path.abspath(siss_fast.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(root))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "default"
 

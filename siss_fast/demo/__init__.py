@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
+import torch
+
 __all__ = ["add_demo_arguments", "demo_main", "add_report_arguments", "report_main", "main"]
 
 
@@ -65,6 +67,8 @@ def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int
                      seed=args.seed, max_steps=args.steps, num_samples=args.num_samples,
                      sampler_steps=args.sampler_steps, backend=args.backend, threads=args.threads,
                      likelihood=not args.no_likelihood)
+    # the command owns its process: denormals off for speed (a library call never changes global FP state)
+    torch.set_flush_denormal(True)
     report = (run_compare if args.compare else run_demo)(cfg, argv)
     if args.compare:
         return 0

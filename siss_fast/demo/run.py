@@ -265,7 +265,6 @@ def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any
     start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.set_flush_denormal(True)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(cfg.model) if cfg.model else SHIPPED_MODEL
