@@ -1,7 +1,9 @@
 """Backend selection: explicit choices that cannot run raise and name what is missing; auto falls back."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,15 @@ import torch
 import siss_fast as sf
 from siss_fast import backends
 from siss_fast import testing as T
+
+
+def python_c(code, env=None, check=False):
+    """``python -c code`` importing the siss_fast under test (installed or in-tree build), not the cwd's source."""
+    root = Path(sf.__file__).resolve().parent.parent
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=check,
+                          cwd=str(root.parent))
 
 
 def test_unknown_backend_name():
@@ -51,21 +62,19 @@ def test_auto_falls_back_and_says_why_once():
         "msgs = [str(m.message) for m in w if 'siss_fast' in str(m.message)]\n"
         "print(len(msgs), msgs[0] if msgs else '')\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "SISS_FAST_BACKEND"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k != "SISS_FAST_BACKEND"}
+    out = python_c(code, env=env, check=True).stdout
     count, _, message = out.strip().partition(" ")
     assert count == "1", out
     assert "'torch'" in message and "pretend missing" in message
 
 
 def test_env_variable_selects_backend_and_rejects_bad_names():
-    env = dict(__import__("os").environ, SISS_FAST_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", "import siss_fast as sf; print(sf.get_backend())"],
-                         capture_output=True, text=True, env=env, check=True).stdout
+    env = dict(os.environ, SISS_FAST_BACKEND="torch")
+    out = python_c("import siss_fast as sf; print(sf.get_backend())", env=env, check=True).stdout
     assert out.strip() == "torch"
     env["SISS_FAST_BACKEND"] = "gpu"
-    res = subprocess.run([sys.executable, "-c", "import siss_fast as sf; sf.get_backend()"],
-                         capture_output=True, text=True, env=env)
+    res = python_c("import siss_fast as sf; sf.get_backend()", env=env)
     assert res.returncode != 0 and "SISS_FAST_BACKEND: expected one of" in res.stderr
 
 
@@ -73,7 +82,7 @@ def test_import_does_not_touch_cuda_or_triton():
     code = ("import sys, siss_fast\n"
             "import torch\n"
             "print('triton' in sys.modules, torch.cuda.is_initialized())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = python_c(code, check=True).stdout
     assert out.strip() == "False False"
 
 

@@ -25,7 +25,13 @@ from siss_fast.engine import load_config  # noqa: E402
 from siss_fast.engine.checkpoint import CheckpointError, find_latest, load_checkpoint  # noqa: E402
 from siss_fast.engine.loop import run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+import siss_fast  # noqa: E402
+
+# Subprocesses import the siss_fast under test (installed, or the in-tree build), never the cwd's source tree: the
+# folder holding the imported package goes on PYTHONPATH and they run from its parent (python -c / -m put the cwd
+# first on sys.path).
+ROOT = Path(siss_fast.__file__).resolve().parent.parent
+SUBPROCESS_CWD = str(ROOT.parent)
 
 
 def _config(out, **sections):
@@ -106,7 +112,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         from siss_fast.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
-    proc = subprocess.run([sys.executable, "-c", driver, "unlearn", str(cfg_path)], env=env, stdout=log,
+    proc = subprocess.run([sys.executable, "-c", driver, "unlearn", str(cfg_path)], env=env, cwd=SUBPROCESS_CWD, stdout=log,
                           stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     half = root / ".tmp-step-000003"
@@ -123,7 +129,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         latest = find_latest(root)
         at_launch = load_checkpoint(latest)["step"] if latest is not None else 0
         proc = subprocess.Popen([sys.executable, "-m", "siss_fast", "unlearn", str(cfg_path), "resume=latest"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+                                env=env, cwd=SUBPROCESS_CWD, stdout=log, stderr=subprocess.STDOUT)
         try:
             if attempt == 0:
                 time.sleep(rng.uniform(0.5, 3.0))
@@ -149,7 +155,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     assert kills >= 4, history
 
     # 3. the last resume finishes; the weights are the uninterrupted run's, bit for bit
-    proc = subprocess.run([sys.executable, "-m", "siss_fast", "unlearn", str(cfg_path), "resume=latest"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "siss_fast", "unlearn", str(cfg_path), "resume=latest"], env=env, cwd=SUBPROCESS_CWD,
                           capture_output=True, text=True, timeout=300)
     log.close()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -316,10 +322,10 @@ def test_a_run_needs_no_network(tmp_path):
     cfg = _config(tmp_path / "out", train={"steps": 1}, checkpoint={"every": 1})
     cfg["model"] = {"build": "tiny-ddpm"}  # the build path too
     probe = "import socket; print(socket.create_connection.__name__)"
-    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+    assert subprocess.run([sys.executable, "-c", probe], env=env, cwd=SUBPROCESS_CWD, capture_output=True, text=True,
                           timeout=60).stdout.strip() == "deny"  # the guard is active in child processes
     proc = subprocess.run([sys.executable, "-m", "siss_fast", "unlearn", str(_write_yaml(tmp_path / "c.yaml", cfg))],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "out" / "final" / "model_index.json").is_file()
     assert not net_log.exists(), net_log.read_text()
