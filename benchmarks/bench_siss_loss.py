@@ -47,13 +47,18 @@ def plain_reference_loss(pred, noisy, x0, a0, gamma, sigma, lambd: float):
     """
     from siss_fast import reference
 
-    # The reference's fast path (its per-sample sums and log-space weights). Its fp64 fallback for sums that
-    # overflow or underflow is a data-dependent branch that only finite-but-extreme inputs take; it is left out so
-    # that inductor compiles one graph (torch 2.13 inductor fails to compile the whole function on the CPU: its
-    # generated C++ mixes int and float vector masks).
+    # The reference math on its fast path, in plain fp32 torch ops: per-sample sums (delta as one sum of per-element
+    # differences) and the reference's log-space weights. The reference backend adds exactness work on top (an fp64
+    # numerator for m - gamma*x, an fp64 fallback for sums that overflow) that inductor need not reproduce here;
+    # torch 2.13 inductor also fails to compile that fallback on the CPU (its C++ mixes int and float vector masks).
+    view = (-1,) + (1,) * (pred.dim() - 1)
+    g, s = gamma.view(view), sigma.view(view)
     d = pred[0].numel()
-    sums = reference._per_sample_sums(pred, noisy, x0, a0, gamma, sigma, gamma.dtype)
-    w_x, w_a = reference.weights_from_delta(sums[0] / (2 * sigma * sigma), lambd, None)
+    res_x = pred - (noisy - g * x0) / s
+    res_a = pred - (noisy - g * a0) / s
+    delta = (g * (a0 - x0) * (2 * noisy - g * (x0 + a0))).flatten(1).sum(1) / (2 * sigma * sigma)
+    sums = torch.stack([delta, res_x.square().flatten(1).sum(1), res_a.square().flatten(1).sum(1)])
+    w_x, w_a = reference.weights_from_delta(sums[0], lambd, None)
     return (w_x * (sums[1] / d)).mean(), (w_a * (sums[2] / d)).mean(), w_x, w_a
 
 

@@ -142,9 +142,16 @@ def _residuals(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tenso
     acc = dtype or gamma.dtype
     p, m, x, a = (t.to(acc) * scale if scale != 1.0 else t.to(acc) for t in (pred, noisy, x0, a0))
     g, s = _bcast(gamma.to(acc), p), _bcast(sigma.to(acc), p)
-    res_x = p - (m - g * x) / s
-    res_a = p - (m - g * a) / s
-    delta_terms = (g * (a - x)) * (2.0 * m - g * (x + a))
+    if acc == torch.float32:
+        # m - g*x cancels when m was drawn around g*x with little noise (t near 0): form it from the exact fp64
+        # product of the fp32 values and round once, as the compiled kernels do with a fused multiply-add
+        m64, g64 = m.double(), g.double()
+        num_x, num_a = (m64 - g64 * x.double()).float(), (m64 - g64 * a.double()).float()
+    else:
+        num_x, num_a = m - g * x, m - g * a
+    res_x = p - num_x / s
+    res_a = p - num_a / s
+    delta_terms = (g * (a - x)) * (num_x + num_a)  # = g(a - x) * (2m - g(x + a))
     return res_x, res_a, delta_terms
 
 

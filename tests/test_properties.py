@@ -30,7 +30,6 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import siss_fast as sf  # noqa: E402
-from siss_fast import backends  # noqa: E402
 from siss_fast import testing as T  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +44,6 @@ from test_extreme_values import (  # noqa: E402
     weight_tolerance,
 )
 
-BACKENDS = ("torch", "cpp", "triton")
 # Cases per backend and op: the per-op total over the three backends is >= 500 in "ci".
 EXAMPLES = {
     "ci": {"torch": 220, "cpp": 220, "triton": 80},
@@ -82,18 +80,6 @@ def case_settings(backend: str) -> settings:
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_name(request):
-    name = request.param
-    ok, why = backends.availability(name, "cpu")
-    if not ok:
-        pytest.skip(f"backend {name!r} unavailable: {why}")
-    previous = sf.get_backend()
-    sf.set_backend(name)
-    yield name
-    sf.set_backend(previous)
 
 
 @st.composite
@@ -144,9 +130,9 @@ def cases(draw, backend: str):
     return dict(case=case, lambd=lambd, clip=clip, grad_x=grad_x, grad_a=grad_a, pred_dtype=pred_dtype)
 
 
-def test_siss_loss_forward_backward_properties(backend_name):
-    @case_settings(backend_name)
-    @given(cases(backend_name))
+def test_siss_loss_forward_backward_properties(backend):
+    @case_settings(backend)
+    @given(cases(backend))
     def check(executed, draw):
         executed.append(1)
         eps = torch.finfo(draw["pred_dtype"]).eps
@@ -155,12 +141,12 @@ def test_siss_loss_forward_backward_properties(backend_name):
             grad_tol = 1e-10
         run_and_check(draw["case"], draw["lambd"], draw["clip"], draw["grad_x"], draw["grad_a"], grad_tol=grad_tol)
 
-    run_counted(check, backend_name)
+    run_counted(check, backend)
 
 
-def test_importance_weights_properties(backend_name):
-    @case_settings(backend_name)
-    @given(cases(backend_name))
+def test_importance_weights_properties(backend):
+    @case_settings(backend)
+    @given(cases(backend))
     def check(executed, draw):
         executed.append(1)
         c, lambd, clip = draw["case"], draw["lambd"], draw["clip"]
@@ -176,12 +162,12 @@ def test_importance_weights_properties(backend_name):
             assert bool((w_x <= torch.tensor(clip, dtype=w_x.dtype)).all())
             assert bool((w_a <= torch.tensor(clip, dtype=w_a.dtype)).all())
 
-    run_counted(check, backend_name)
+    run_counted(check, backend)
 
 
-def test_mixture_noise_properties(backend_name):
-    @case_settings(backend_name)
-    @given(cases(backend_name))
+def test_mixture_noise_properties(backend):
+    @case_settings(backend)
+    @given(cases(backend))
     def check(executed, draw):
         executed.append(1)
         c = draw["case"]
@@ -203,4 +189,4 @@ def test_mixture_noise_properties(backend_name):
         finite = torch.isfinite(a) & torch.isfinite(e)
         assert bool(((a - e).abs() <= bound)[finite].all()), float(((a - e).abs() - bound)[finite].max())
 
-    run_counted(check, backend_name)
+    run_counted(check, backend)
