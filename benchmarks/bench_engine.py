@@ -14,8 +14,8 @@ micro-batch. Providers (one row each):
   clone minus the first accumulated into ``G_a``; at the step ``G_x = .grad - G_a`` (a third copy), both norms,
   ``.grad = G_x - c/|G_a| G_a``, ``clip_grad_norm_(1.0)``, AdamW, LR schedule. Its per-micro-batch statistics
   (``.item()`` of loss/weight means, maxima, minima, stds) are computed as there; logging itself is not.
-* ``lean-exact``: the engine's step (``siss_fast/engine/loop.py``), composed from the same building blocks in the same
-  order: ``RunData.draw`` (cached VAE latent distributions, cached text embeddings) -> ``Objective('siss')`` through
+* ``lean-exact``: the engine's step itself (:class:`siss_fast.engine.step.UnlearnStep`, what ``loop.run`` calls):
+  ``RunData.draw`` (cached VAE latent distributions, cached text embeddings) -> ``Objective('siss')`` through
   ``PartitionedForward`` -> ``GradientCombiner.backward`` (mode exact, ``scaling_norm: auto``) -> ``finish_step`` ->
   AdamW -> LR schedule. Config defaults of :class:`siss_fast.engine.config.EngineConfig` otherwise.
 * ``lean-exact-2bwd``: the same with ``gradient.partitioned: false`` (the plain two-backward prototype).
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import sys
 from pathlib import Path
@@ -229,18 +228,14 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 class LeanStep:
-    """One optimizer step of the lean engine, composed as ``loop.py`` composes it (see the module docstring).
-
-    ``loop.run`` builds these pieces with the ``setup.make_*`` functions from an :class:`EngineConfig`; so does this
-    class. The body of :meth:`__call__` is the loop's step, less the metrics file, progress bar, validation and
-    checkpoints (none of which runs on a plain step).
-    """
+    """One optimizer step of the lean engine: :class:`siss_fast.engine.step.UnlearnStep`, the object
+    ``loop.run`` calls every step (less the metrics file, progress bar, validation and checkpoints, none of which
+    runs on a plain step), on a private copy of the bench model's UNet."""
 
     def __init__(self, bench: Bench, *, method: str = "siss", mode: str = "exact", partitioned: bool = True,
                  mixed_precision: str = "no", checkpointing: bool = False, seed: int = 0):
-        from siss_fast.engine import data as D
-        from siss_fast.engine import setup as S
         from siss_fast.engine.config import EngineConfig
+        from siss_fast.engine.step import UnlearnStep
 
         cfg = EngineConfig()
         cfg.method.name = method
@@ -251,61 +246,23 @@ class LeanStep:
         cfg.train.mixed_precision = mixed_precision
         cfg.train.gradient_checkpointing = checkpointing
         cfg.train.steps = 10**6
+        cfg.train.seed = seed
         self.cfg, self.bench = cfg, bench
-        device = bench.device
-        self.unet = copy.deepcopy(bench.model.unet).to(device)
-        self.unet.train()
-        self.unet.requires_grad_(True)
-        if checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        amp = S.autocast_dtype(mixed_precision)
-        unet = self.unet
-
-        def unet_call(noisy, timesteps, **cond):
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                return unet(noisy, timesteps, **cond)
-
-        self.unet_call = unet_call
-        self.objective = S.make_objective(cfg, bench.model, bench.run_data)
-        self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = S.make_optimizer(cfg, self.params, device)
-        self.lr_schedule = S.make_lr_schedule(cfg, self.optimizer)
-        self.combiner = S.make_combiner(cfg, self.params, S.Dist())
-        self.streams = [D.SampleStream(seed, m, device) for m in range(bench.acc)]
-        self.partitioned = partitioned and method == "siss"
+        self.step = UnlearnStep(cfg, bench.model, bench.run_data, bench.device,
+                                unet=copy.deepcopy(bench.model.unet))
+        self.unet, self.optimizer = self.step.unet, self.step.optimizer
         self.counts = {"retain": 0, "forget": 0, "mixed": 0}
         self.steps = 0
         self.extra_buffers: List[int] = []
         self.paths: Dict[str, int] = {}
 
     def __call__(self) -> None:
-        from siss_fast.engine.partition import PartitionedForward
-
-        acc, batch, device = self.bench.acc, self.bench.batch, self.bench.device
-        objective, combiner, unet_call = self.objective, self.combiner, self.unet_call
-        stats: Dict[str, float] = {}
-        for stream in self.streams:
-            x0, a0, cond_x, cond_a = self.bench.run_data.draw(stream, batch, device)
-            if self.partitioned:
-                wrapper = PartitionedForward(unet_call, objective, x0, a0)
-                terms = objective(wrapper, x0, a0, cond_x=cond_x, cond_a=cond_a, generator=stream.noise_gen)
-                retain, forget = wrapper.terms(_scaled(terms.retain, acc), _scaled(terms.forget, acc))
-                for k, v in wrapper.counts.items():
-                    self.counts[k] += v
-            else:
-                terms = objective(unet_call, x0, a0, cond_x=cond_x, cond_a=cond_a, generator=stream.noise_gen)
-                retain, forget = _scaled(terms.retain, acc), _scaled(terms.forget, acc)
-            combiner.backward(retain, forget)
-            for key, value in terms.float_stats().items():
-                stats[key] = stats.get(key, 0.0) + value / acc
-        info = combiner.finish_step()
-        if not info.skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_schedule.step()
+        result = self.step()
+        for key, value in result.counts.items():
+            self.counts[key] += value
         self.steps += 1
-        self.extra_buffers.append(info.extra_buffers)
-        self.paths[info.path] = self.paths.get(info.path, 0) + 1
+        self.extra_buffers.append(result.info.extra_buffers)
+        self.paths[result.info.path] = self.paths.get(result.info.path, 0) + 1
 
     def resident_bytes(self) -> int:
         """Tensors this provider keeps between steps: UNet weights, optimizer state, frozen VAE + text encoder
@@ -321,12 +278,6 @@ class LeanStep:
         steady = self.extra_buffers[1:] or self.extra_buffers  # step 1 of scaling_norm=auto measures c (1 buffer)
         first = self.extra_buffers[0] if self.extra_buffers else 0
         return f"{max(steady, default=0)} extra grad buffers (first step, scaling_norm=auto: {first})"
-
-
-def _scaled(term, acc: int):
-    if term is None:
-        return None
-    return term if acc == 1 else term / acc
 
 
 # ------------------------------------------------------------------------------------------- the research loop
@@ -521,7 +472,7 @@ def annotate(rows: List[H.BenchRow], objs: Dict[str, Any], bench: Bench, lag_eve
         if prov == "lean-exact-bf16-ckpt":
             parts.append("autocast bf16 + gradient checkpointing")
         counts = getattr(obj, "counts", None)
-        if isinstance(obj, LeanStep) and obj.partitioned and counts:
+        if isinstance(obj, LeanStep) and obj.step.partitioned and counts:
             total = sum(counts.values())
             parts.append(f"split over {obj.steps} steps: retain {counts['retain']}, forget {counts['forget']}, "
                          f"mixed {counts['mixed']} of {total} samples")

@@ -50,6 +50,7 @@ def test_examples_load_and_overrides(tmp_path):
     (["validation.metrics=[nope]"], r"validation\.metrics\[0\]: unknown metric 'nope'"),
     (["validation.metrics=[os:nope]"], r"validation\.metrics\[0\]: module 'os' has no callable"),
     (["validation.forget_metric=other"], r"validation\.forget_metric"),
+    (["validation.forget_target_ratio=1.5"], r"validation\.forget_target_ratio: expected a number in \[0, 1\)"),
     (["model=/nonexistent/model"], r"model\.path: .*not a folder"),
     (["model.allow_pickle=maybe"], r"model\.allow_pickle: expected true/false"),
     (["data.retain_prompt=hello"], r"data\.retain_prompt: a pixel DDPM is unconditional"),

@@ -1,6 +1,5 @@
 """The partitioned split equals the plain two-backward exact gradient; two gloo processes equal one process."""
 
-import os
 import socket
 import sys
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 The demo's data become two image folders in the run directory (``data/retain``: the 1,797 digits as 16x16 8-bit
 PNGs; ``data/forget``: the one planted image -- the engine samples with replacement, so one file stands for its 75
-copies), the engine runs with its defaults except for what the demo's scale sets (batch, learning rate, budget)
+copies), the engine runs with its defaults except for the budget (and what a caller of :class:`DemoConfig` sets)
 and its validation uses this package's metrics (``forget_rate``, ``classifier_quality``, registered with the
 engine's metric registry). The engine writes ``metrics.jsonl``, ``manifest.json``, ``best.safetensors`` and
 ``final/`` into the run directory; the demo then loads ``final/`` (the best validated state that met the forget
@@ -36,24 +36,28 @@ def write_image_folders(data: DemoData, root: Path) -> Dict[str, Path]:
 
 
 def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path]) -> Dict[str, Any]:
-    """The engine config of a demo run (a plain dict, validated by the engine)."""
+    """The engine config of a demo run (a plain dict, validated by the engine). Settings the demo leaves at
+    ``None`` are not written, so the engine's defaults apply."""
+
+    def given(**kw: Any) -> Dict[str, Any]:
+        return {k: v for k, v in kw.items() if v is not None}
+
     return {
         "model": {"path": str(model_dir)},
         "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},
-        "method": {"name": cfg.method, **({"lambd": cfg.lambd} if cfg.method in ("siss", "bernoulli") else {}),
-                   **({"weight_clip": cfg.weight_clip} if cfg.weight_clip is not None else {})},
-        "gradient": {"scaling_norm": cfg.scaling_norm, "max_grad_norm": cfg.max_grad_norm},
-        "train": {"steps": cfg.max_steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-                  "device": "cpu"},
+        "method": given(name=cfg.method, lambd=cfg.lambd if cfg.method in ("siss", "bernoulli") else None,
+                        weight_clip=cfg.weight_clip),
+        "gradient": given(scaling_norm=cfg.scaling_norm, max_grad_norm=cfg.max_grad_norm),
+        "train": given(steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device="cpu"),
         "checkpoint": {"every": 0},
         "validation": {
-            "every": cfg.val_every, "num_samples": cfg.val_samples, "sampler_steps": cfg.sampler_steps,
-            "seed": cfg.seed + 1, "batch_size": cfg.val_samples,
+            **given(every=cfg.val_every, num_samples=cfg.val_samples, forget_target=cfg.forget_target,
+                    forget_target_ratio=cfg.forget_target_ratio, quality_tolerance=cfg.quality_tolerance,
+                    min_steps=cfg.min_steps),
+            "sampler_steps": cfg.sampler_steps, "seed": cfg.seed + 1,
             "metrics": ["forget_rate", "classifier_quality"],
             "metric_options": {"classifier_quality": {"classifier": str(Path(model_dir) / "classifier.safetensors")}},
-            "forget_metric": "forget_rate", "forget_target": cfg.forget_target,
-            "quality_metric": "classifier_quality", "quality_tolerance": cfg.quality_tolerance,
-            "min_steps": cfg.min_steps,
+            "forget_metric": "forget_rate", "quality_metric": "classifier_quality",
         },
         "log": {"progress": False},
         "output_dir": str(run_dir),
@@ -75,5 +79,4 @@ def unlearn_engine(unet, model_dir: Path, classifier, data: DemoData, cfg, *, ru
                                         local_files_only=True)
     unet.load_state_dict(final.state_dict())
     unet.eval()
-    return {"steps": result.steps_done, "final_step": result.best_step if result.best_step is not None
-            else result.steps_done, "stop_reason": result.stop_reason, "final_dir": str(result.final_dir)}
+    return {"steps": result.steps_done, "final_step": result.kept_step, "stop_reason": result.stop_reason, "final_dir": str(result.final_dir)}

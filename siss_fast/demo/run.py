@@ -27,9 +27,8 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -55,18 +54,39 @@ class DemoConfig:
     sampler_steps: int = 25              # DDIM steps
     seed: int = 0
     max_steps: int = 150                 # unlearning budget (optimizer steps)
-    batch_size: int = 64                 # retain/forget pairs per step
-    lr: float = 2e-4
+    # None below: the engine's default (siss_fast.engine.config), so the demo shows what a first run gets
+    batch_size: Optional[int] = None     # retain/forget pairs per step
+    lr: Optional[float] = None
     scaling_norm: Any = "auto"
-    max_grad_norm: float = 1.0
-    val_every: int = 10
-    val_samples: int = 512
-    forget_target: float = 0.0           # stop when the cheap check's forget rate <= this
-    quality_tolerance: float = 0.1       # guard: stop when quality < (1 - tol) * quality at step 0
-    min_steps: int = 10
+    max_grad_norm: Optional[float] = None
+    val_every: Optional[int] = None
+    val_samples: Optional[int] = None
+    forget_target: Optional[float] = None       # absolute; None: forget_target_ratio x the rate at step 0
+    forget_target_ratio: Optional[float] = None
+    quality_tolerance: Optional[float] = None   # guard: stop when quality < (1 - tol) * quality at step 0
+    min_steps: Optional[int] = None
     backend: str = "auto"                # auto | engine | direct
     likelihood: bool = True              # bits/dim of the forget image and of 4 digits (4 x T forward passes)
     threads: Optional[int] = None
+
+
+_ENGINE_DEFAULTS = {"batch_size": ("train", "batch_size"), "lr": ("train", "lr"),
+                    "max_grad_norm": ("gradient", "max_grad_norm"), "val_every": ("validation", "every"),
+                    "val_samples": ("validation", "num_samples"), "forget_target_ratio": ("validation",
+                    "forget_target_ratio"), "quality_tolerance": ("validation", "quality_tolerance"),
+                    "min_steps": ("validation", "min_steps")}
+
+
+def resolved(cfg: "DemoConfig") -> "DemoConfig":
+    """``cfg`` with every ``None`` setting replaced by the engine's default (``forget_target`` stays ``None``:
+    relative)."""
+    from dataclasses import replace
+
+    from siss_fast.engine.config import EngineConfig
+
+    defaults = EngineConfig()
+    return replace(cfg, **{k: getattr(getattr(defaults, sec), key) for k, (sec, key) in _ENGINE_DEFAULTS.items()
+                           if getattr(cfg, k) is None})
 
 
 BPD_T_STRIDE = 4  # the bound's sum over t estimated on every 4th t (see bits_per_dim_vlb)
@@ -135,6 +155,7 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
     from siss_fast.gradients import GradientCombiner
     from siss_fast.objectives import Objective
 
+    cfg = resolved(cfg)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     kwargs = {}
@@ -144,13 +165,14 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
         kwargs["weight_clip"] = cfg.weight_clip
     objective = Objective(cfg.method, alphas_cumprod, **kwargs)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)  # the engine's optimizer defaults
     combiner = GradientCombiner(params, rule=objective.rule_hint or "rescale", scaling_norm=cfg.scaling_norm,
                                 max_grad_norm=cfg.max_grad_norm)
     best_state, best_quality, best_step = None, None, None
     stop_reason, step = "budget", 0
     check0 = _cheap_check(unet, alphas_cumprod, classifier, data, cfg)  # the guard's baseline: same samples
     baseline_quality = check0["quality"]
+    target = cfg.forget_target if cfg.forget_target is not None else cfg.forget_target_ratio * check0["forget_rate"]
     log({"step": 0, **{"val_" + k: v for k, v in check0.items()}})
     _log(f"step 0: check forget_rate {check0['forget_rate']:.4f} quality {check0['quality']:.3f}", start)
     unet.train()
@@ -174,7 +196,7 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             check = _cheap_check(unet, alphas_cumprod, classifier, data, cfg)
             unet.train()
-            met = check["forget_rate"] <= cfg.forget_target
+            met = check["forget_rate"] <= target
             tripped = check["quality"] < (1 - cfg.quality_tolerance) * baseline_quality
             row.update({"val_" + k: v for k, v in check.items()}, target_met=met, guard_tripped=tripped)
             _log(f"step {step}: check forget_rate {check['forget_rate']:.4f} quality {check['quality']:.3f}"
@@ -353,7 +375,7 @@ def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any
         "forget_items": _forget_items(data, run_dir),
         "base_model": {**manifest.get("base_model", {}), "path": str(model_dir), "sha256": base_hash},
         "method": method,
-        "config": asdict(cfg),
+        "config": asdict(resolved(cfg)),
         "unlearning": {k: v for k, v in info.items()},
         "metrics_before": before, "metrics_after": after,
         "pass_criteria": report["pass_criteria"],
@@ -379,6 +401,7 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     from .report import rebuild_report, save_pareto_plot
 
     start = time.perf_counter()
+    cfg = resolved(cfg)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(cfg.model) if cfg.model else SHIPPED_MODEL

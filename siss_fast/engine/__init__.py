@@ -7,6 +7,7 @@ Modules, each readable in one sitting:
 * :mod:`.models` -- offline safetensors loading of pixel DDPMs and Stable Diffusion; tiny random-weight builders;
 * :mod:`.setup` -- device, processes, optimizer, LR schedule, gradient combiner;
 * :mod:`.partition` -- the partitioned split (exact SISS gradient at about one backward);
+* :mod:`.step` -- one optimizer step (:class:`~.step.UnlearnStep`), public for custom loops and benchmarks;
 * :mod:`.loop` -- the steps, metrics, checkpoints, validation and stop rules, outputs (``run``);
 * :mod:`.checkpoint` -- atomic, hash-verified checkpoints and RNG states;
 * :mod:`.validation` -- DDIM samples with fixed seeds, the metric registry, stop rules.
@@ -23,7 +24,7 @@ makes CPU runs bit-identical (what holds on CUDA: :mod:`.loop`).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from .config import ConfigError, EngineConfig, load_config
 

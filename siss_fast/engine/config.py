@@ -131,18 +131,19 @@ class CheckpointConfig:
 @dataclass
 class ValidationConfig:
     every: int = 10  # 0: no validation (then no stop rules, the final model is the end state)
-    num_samples: int = 32
+    num_samples: int = 256  # enough to see a forget item generated a few % of the time (0 hits in 256: rate < ~1 %)
     sampler_steps: int = 25  # DDIM steps
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 64
     guidance_scale: float = 1.0  # SD: classifier-free guidance (1 = off)
     prompt: Optional[str] = None  # SD: default the forget prompt (of the first forget image)
     metrics: List[str] = field(default_factory=lambda: ["forget_distance", "retain_distance"])
     metric_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     forget_metric: Optional[str] = "forget_distance"
-    forget_target: float = 0.1  # met when forget_metric <= target (>= if the metric is higher-is-better)
+    forget_target: Optional[float] = None  # absolute: met when forget_metric <= it (>= if higher-is-better)
+    forget_target_ratio: float = 0.1  # forget_target null: met when forget_metric <= ratio x its value at step 0
     quality_metric: Optional[str] = "retain_distance"
-    quality_tolerance: float = 0.25  # guard trips when quality worsens by more than this fraction of the baseline
+    quality_tolerance: float = 0.15  # guard trips when quality worsens by more than this fraction of the baseline
     stop_on_target: bool = True
     stop_on_guard: bool = True
     min_steps: int = 1  # no stop rule before this step
@@ -445,6 +446,8 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
         _require(getattr(v, key) >= 1, f"validation.{key}", f"expected an integer >= 1, got {getattr(v, key)}")
     _positive("validation.guidance_scale", v.guidance_scale)
     _positive("validation.quality_tolerance", v.quality_tolerance, allow_zero=True)
+    _require(0 <= v.forget_target_ratio < 1, "validation.forget_target_ratio",
+             f"expected a number in [0, 1), got {v.forget_target_ratio}")
     _require(v.min_steps >= 0, "validation.min_steps", f"expected an integer >= 0, got {v.min_steps}")
     if True:  # metric names are checked even when validation is off: a typo should not wait for a later run
         from .validation import check_metric_name
@@ -458,6 +461,12 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
             name = getattr(v, key)
             _require(name is None or name in v.metrics, f"validation.{key}",
                      f"expected null or one of validation.metrics {v.metrics}, got {name!r}")
+        if v.forget_metric is not None and v.forget_target is None:
+            from .validation import get_metric
+
+            _require(not get_metric(v.forget_metric).higher_is_better, "validation.forget_target",
+                     f"expected a number: {v.forget_metric!r} is higher-is-better, so the relative default "
+                     "(forget_target_ratio x its value before training) does not apply")
         for name in v.metric_options:
             _require(name in v.metrics, "validation.metric_options",
                      f"options for {name!r}, which is not in validation.metrics {v.metrics}")

@@ -1,13 +1,7 @@
 """The unlearning loop: ``run(cfg)`` -- one optimizer step at a time, checkpoints, validation, stop rules.
 
-One optimizer step (per process)::
-
-    for each of accumulation_steps micro-batches (stream j = rank * accumulation_steps + m):
-        x0, a0, conditioning <- the stream's generators (with replacement)
-        terms <- Objective(method)(unet, x0, a0, ...)                  # SPEC §5; autocast only around the UNet
-        combiner.backward(retain / acc, forget / acc)                  # SPEC §6 (siss: partitioned callables)
-    info <- combiner.finish_step()                                     # combine, all-reduce (DDP), clip
-    optimizer.step() unless info.skipped (non-finite G: weights untouched, counted)
+One optimizer step is :class:`~siss_fast.engine.step.UnlearnStep` (objective, partitioned split, SPEC §6
+combiner, optimizer); this module adds the metrics, the progress bar, validation, stop rules, checkpoints and outputs.
 
 The sample streams depend only on the global micro-batch layout, so ``W`` processes with ``accumulation_steps = 1``
 draw exactly what one process with ``accumulation_steps = W`` draws, and both take the same step.
@@ -38,7 +32,6 @@ import json
 import math
 import platform
 import random
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,7 +46,7 @@ from . import models as M
 from . import setup as S
 from . import validation as V
 from .config import EngineConfig, to_dict
-from .partition import PartitionedForward
+from .step import UnlearnStep
 
 __all__ = ["RunResult", "run"]
 
@@ -65,6 +58,7 @@ class RunResult:
     steps_done: int
     best_step: Optional[int]
     final_dir: Optional[Path]
+    kept_step: Optional[int] = None  # the step whose weights are the final model (best, last good or end)
 
 
 def _log(msg: str, dist: S.Dist) -> None:
@@ -141,7 +135,7 @@ class _Validator:
         ctx = V.MetricContext(run.retain_pixels, run.forget_pixels, {}, model.kind, device)
         self.metrics = V.build_metrics(v.metrics, ctx, v.metric_options)
         self.rules = V.StopRules(v.forget_metric, v.forget_target, v.quality_metric, v.quality_tolerance,
-                                 v.stop_on_target, v.stop_on_guard, v.min_steps)
+                                 v.stop_on_target, v.stop_on_guard, v.min_steps, v.forget_target_ratio)
         self.cond = self.uncond = None
         if model.kind == "sd":
             prompt = v.prompt or run.forget_prompts[0]
@@ -149,6 +143,7 @@ class _Validator:
             emb, _ = D.encode_prompts(model.tokenizer, model.text_encoder, [prompt, ""], device, frozen)
             self.cond, self.uncond = emb[:1], emb[1:]
         self.scores_by_step: Dict[int, Dict[str, float]] = {}
+        self.last_good_step: Optional[int] = None
 
     def __call__(self, unet: torch.nn.Module, step: int) -> Dict[str, Any]:
         v = self.cfg.validation
@@ -164,26 +159,32 @@ class _Validator:
             V.save_grid(samples, self.out / "samples" / f"step-{step:06d}.png")
         verdict = self.rules.update(step, scores)
         if verdict["is_best"]:
-            self._save_best(unet, step)
+            self._save_state(unet, step, "best")
+        elif self.rules.best_step is None and not verdict["guard_tripped"]:
+            # until the target is met, keep the last state within the quality guard: if the guard trips first,
+            # that state (not the tripped one) is the final model
+            self._save_state(unet, step, "last_good")
+            self.last_good_step = step
         return {"scores": scores, **verdict}
 
-    def _save_best(self, unet: torch.nn.Module, step: int) -> None:
+    def _save_state(self, unet: torch.nn.Module, step: int, name: str) -> None:
         import os
 
         from safetensors.torch import save_file
 
-        tmp = self.out / ".best.safetensors.tmp"
+        tmp = self.out / f".{name}.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in _unet_state(unet).items()}, str(tmp))
-        os.replace(tmp, self.out / "best.safetensors")
-        (self.out / "best.json").write_text(json.dumps({"step": step, "scores": self.scores_by_step[step]}))
+        os.replace(tmp, self.out / f"{name}.safetensors")
+        (self.out / f"{name}.json").write_text(json.dumps({"step": step, "scores": self.scores_by_step[step]}))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"rules": self.rules.state_dict(),
+        return {"rules": self.rules.state_dict(), "last_good_step": self.last_good_step,
                 "scores": {str(k): v for k, v in self.scores_by_step.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.rules.load_state_dict(state["rules"])
         self.scores_by_step = {int(k): dict(v) for k, v in state["scores"].items()}
+        self.last_good_step = state.get("last_good_step")
 
 
 def run(cfg: EngineConfig, *, stop_after: Optional[int] = None, _fail_checkpoint_after: Optional[str] = None
@@ -224,29 +225,13 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
 
     model = S.prepare_model(cfg, dist, out)
     run_data = S.prepare_data(cfg, model, device)
-    unet = model.unet.to(device)
-    unet.train()
-    unet.requires_grad_(True)
+    step_fn = UnlearnStep(cfg, model, run_data, device, dist=dist)
+    unet, optimizer, lr_schedule, combiner, streams = (step_fn.unet, step_fn.optimizer, step_fn.lr_schedule,
+                                                       step_fn.combiner, step_fn.streams)
     if dist.world > 1:  # replicas start identical
         for p in unet.parameters():
             torch.distributed.broadcast(p.data, src=0)
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet_fn = torch.compile(unet) if cfg.train.compile else unet
-    amp = S.autocast_dtype(cfg.train.mixed_precision)
-
-    def unet_call(noisy, timesteps, **cond):
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return unet_fn(noisy, timesteps, **cond)
-
-    objective = S.make_objective(cfg, model, run_data)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = S.make_optimizer(cfg, params, device)
-    lr_schedule = S.make_lr_schedule(cfg, optimizer)
-    combiner = S.make_combiner(cfg, params, dist)
     acc, batch = cfg.train.accumulation_steps, cfg.train.batch_size
-    streams = [D.SampleStream(cfg.train.seed, dist.rank * acc + m, device) for m in range(acc)]
-    partitioned = cfg.gradient.partitioned and cfg.method.name == "siss"
     validator = _Validator(cfg, model, run_data, device, out) if (dist.main and cfg.validation.every) else None
 
     # ---------------------------------------------------------------- resume
@@ -302,7 +287,8 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
                  + (f" -> stop ({reason})" if reason else ""), dist)
             if step == 0 and verdict["target_met"]:
                 _log(f"note: the base model already meets the forget target ({cfg.validation.forget_metric} "
-                     f"{verdict['scores'][cfg.validation.forget_metric]:.3g} vs {cfg.validation.forget_target}); the "
+                     f"{verdict['scores'][cfg.validation.forget_metric]:.3g} vs target {verdict['target']:.3g}): "
+                     "its samples do not show the forget items (raise validation.num_samples if they are rare); the "
                      "run stops at the first validation after validation.min_steps", dist)
         if dist.world > 1:
             codes = [None, "forget_target", "quality_guard"]
@@ -324,32 +310,12 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         torch.cuda.reset_peak_memory_stats(device)
     step = start
     for step in range(start + 1, cfg.train.steps + 1):
-        tic = time.perf_counter()
-        stats: Dict[str, float] = {}
-        mixed = 0
-        for stream in streams:
-            x0, a0, cond_x, cond_a = run_data.draw(stream, batch, device)
-            if partitioned:
-                wrapper = PartitionedForward(unet_call, objective, x0, a0)
-                terms = objective(wrapper, x0, a0, cond_x=cond_x, cond_a=cond_a, generator=stream.noise_gen)
-                retain, forget = wrapper.terms(_scaled(terms.retain, acc), _scaled(terms.forget, acc))
-                mixed += wrapper.counts["mixed"]
-            else:
-                terms = objective(unet_call, x0, a0, cond_x=cond_x, cond_a=cond_a, generator=stream.noise_gen)
-                retain, forget = _scaled(terms.retain, acc), _scaled(terms.forget, acc)
-            combiner.backward(retain, forget)
-            for key, value in terms.float_stats().items():
-                stats[key] = stats.get(key, 0.0) + value / acc
-        info = combiner.finish_step()
+        result = step_fn()
+        info, stats, mixed, lr, elapsed = result.info, result.stats, result.counts["mixed"], result.lr, result.seconds
         if info.skipped:
             consecutive_skips += 1
         else:
-            optimizer.step()
             consecutive_skips = 0
-        optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]
-        lr_schedule.step()
-        elapsed = time.perf_counter() - tic
 
         if dist.main:
             record: Dict[str, Any] = {"step": step, **stats, "norm_x": info.norm_x, "norm_a": info.norm_a,
@@ -396,11 +362,18 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
     # ---------------------------------------------------------------- outputs
     best_step = validator.rules.best_step if validator is not None else None
     final_dir = out / "final"
+    kept_step = step
     if dist.main:
-        if best_step is not None and (out / "best.safetensors").is_file():
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
+        last_good = validator.last_good_step if validator is not None else None
+        if best_step is not None and (out / "best.safetensors").is_file():
             final_state, final_from = load_file(str(out / "best.safetensors")), f"best@{best_step}"
+            kept_step = best_step
+        elif stop_reason == "quality_guard" and last_good is not None and (out / "last_good.safetensors").is_file():
+            # the target was never met and quality fell too far: keep the last state within the guard
+            final_state, final_from = load_file(str(out / "last_good.safetensors")), f"last_good@{last_good}"
+            kept_step = last_good
         else:
             final_state, final_from = _unet_state(unet), f"end@{step}"
         M.save_final(model, final_state, final_dir)
@@ -414,8 +387,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
             "steps_done": step,
             "final_model": {"path": str(final_dir), "from": final_from, "sha256": M.hash_model_folder(final_dir)},
             "metrics_before": validator.scores_by_step.get(0) if validator else None,
-            "metrics_after": (validator.scores_by_step.get(best_step if best_step is not None else step)
-                              if validator else None),
+            "metrics_after": validator.scores_by_step.get(kept_step) if validator else None,
             "scaling_norm": combiner.scaling_norm,
             "skipped_steps": combiner.skipped_steps,
             "world_size": dist.world,
@@ -428,10 +400,4 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         log.write({"step": step, "stop_reason": stop_reason, "final_from": final_from})
         _log(f"done: {stop_reason} after {step} steps; final model ({final_from}) in {final_dir}", dist)
     dist.barrier()
-    return RunResult(out, stop_reason, step, best_step, final_dir)
-
-
-def _scaled(term: Optional[torch.Tensor], acc: int) -> Optional[torch.Tensor]:
-    if term is None:
-        return None
-    return term if acc == 1 else term / acc
+    return RunResult(out, stop_reason, step, best_step, final_dir, kept_step)

@@ -23,7 +23,9 @@ Built-ins: ``forget_distance`` -- the fraction of samples within RMS distance ``
 [0, 1] scale) of some forget item (the memorisation signal; lower is better); ``retain_distance`` -- the mean RMS
 distance of each sample to its nearest retain image (a quality guard without a classifier; lower is better).
 
-Stop rules (:class:`StopRules`): the forget target is met when ``forget_metric`` reaches ``forget_target``; the
+Stop rules (:class:`StopRules`): the forget target is met when ``forget_metric`` reaches ``forget_target`` -- by
+default (``forget_target: null``) a relative target, ``forget_target_ratio`` (0.1) times the metric's value before
+training, so "90 % of the memorised generations are gone" needs no knowledge of the metric's scale; the
 quality guard trips when ``quality_metric`` worsens by more than ``quality_tolerance`` relative to its value before
 training. The best validated state that met the target (best quality among them) is kept as the final model.
 """
@@ -226,12 +228,13 @@ class StopRules:
     """Bookkeeping of the stop rules across validations (saved in checkpoints via :meth:`state_dict`)."""
 
     forget_metric: Optional[str]
-    forget_target: float
+    forget_target: Optional[float]  # absolute; None: forget_target_ratio x the baseline (lower-is-better metrics)
     quality_metric: Optional[str]
     quality_tolerance: float
     stop_on_target: bool
     stop_on_guard: bool
     min_steps: int
+    forget_target_ratio: float = 0.1
     baseline: Dict[str, float] = field(default_factory=dict)
     best_step: Optional[int] = None
     best_quality: Optional[float] = None
@@ -240,13 +243,23 @@ class StopRules:
     def _better(self, name: str, a: float, b: float) -> bool:
         return a > b if get_metric(name).higher_is_better else a < b
 
-    def target_met(self, scores: Dict[str, float]) -> bool:
+    def target(self, baseline: Optional[Dict[str, float]] = None) -> Optional[float]:
+        """The forget metric's target value: ``forget_target``, else ``forget_target_ratio`` x its baseline."""
         if self.forget_metric is None:
+            return None
+        if self.forget_target is not None:
+            return self.forget_target
+        base = (baseline if baseline is not None else self.baseline).get(self.forget_metric)
+        return None if base is None else self.forget_target_ratio * base
+
+    def target_met(self, scores: Dict[str, float], baseline: Optional[Dict[str, float]] = None) -> bool:
+        target = self.target(baseline)
+        if target is None:
             return False
         value = scores[self.forget_metric]
         if get_metric(self.forget_metric).higher_is_better:
-            return value >= self.forget_target
-        return value <= self.forget_target
+            return value >= target
+        return value <= target
 
     def guard_tripped(self, scores: Dict[str, float]) -> bool:
         name = self.quality_metric
@@ -262,7 +275,8 @@ class StopRules:
         None). Step 0 is the baseline: it sets the reference of the guard and is never a candidate."""
         if step == 0:
             self.baseline = dict(scores)
-            return {"target_met": self.target_met(scores), "guard_tripped": False, "is_best": False, "stop": None}
+            return {"target_met": self.target_met(scores), "guard_tripped": False, "is_best": False, "stop": None,
+                    "target": self.target()}
         met, tripped = self.target_met(scores), self.guard_tripped(scores)
         is_best = False
         if met and not tripped:
@@ -278,7 +292,8 @@ class StopRules:
                 stop = "quality_guard"
             elif met and self.stop_on_target:
                 stop = "forget_target"
-        return {"target_met": met, "guard_tripped": tripped, "is_best": is_best, "stop": stop}
+        return {"target_met": met, "guard_tripped": tripped, "is_best": is_best, "stop": stop,
+                "target": self.target()}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"baseline": dict(self.baseline), "best_step": self.best_step, "best_quality": self.best_quality,

@@ -6,7 +6,6 @@ A 3-layer CNN on ``(B, 1, 16, 16)`` images in [0, 1] returning 10 logits. Traine
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["DigitClassifier"]

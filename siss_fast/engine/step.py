@@ -1,0 +1,123 @@
+"""One optimizer step of the engine, as a public object: :class:`UnlearnStep`.
+
+``loop.run`` drives it (and adds metrics, validation, checkpoints); benchmarks and users who write their own loop
+call it directly::
+
+    from siss_fast.engine.step import UnlearnStep
+
+    step = UnlearnStep(cfg, model, run_data, device)   # builds objective, optimizer, LR schedule, combiner, streams
+    result = step()                                     # one optimizer step; StepResult (info, stats, counts, lr)
+
+One call, per process::
+
+    for each of accumulation_steps micro-batches (stream j = rank * accumulation_steps + m):
+        x0, a0, conditioning <- the stream's generators (with replacement)
+        terms <- Objective(method)(unet, x0, a0, ...)                  # SPEC §5; autocast only around the UNet
+        combiner.backward(retain / acc, forget / acc)                  # SPEC §6 (siss: partitioned callables)
+    info <- combiner.finish_step()                                     # combine, all-reduce (DDP), clip
+    optimizer.step() unless info.skipped (non-finite G: weights untouched, counted)
+    lr_schedule.step()
+
+With ``method: siss``, ``gradient.partitioned: true`` the forward goes through
+:class:`~siss_fast.engine.partition.PartitionedForward` (the exact gradient at about one backward pass).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from . import data as D
+from . import setup as S
+from .config import EngineConfig
+from .partition import PartitionedForward
+
+__all__ = ["UnlearnStep", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: the combiner's :class:`~siss_fast.gradients.StepInfo`, the objective's
+    statistics averaged over the micro-batches (``loss_retain``, ``loss_forget``, weight statistics), the
+    partition counts summed over micro-batches, the learning rate the step used and its wall time."""
+
+    info: Any
+    stats: Dict[str, float]
+    counts: Dict[str, int] = field(default_factory=lambda: {"retain": 0, "forget": 0, "mixed": 0})
+    lr: float = 0.0
+    seconds: float = 0.0
+
+
+def _scaled(term: Optional[Any], acc: int) -> Optional[Any]:
+    if term is None:
+        return None
+    return term if acc == 1 else term / acc
+
+
+class UnlearnStep:
+    """The engine's optimizer step for ``cfg`` on ``unet`` (default ``model.unet``, moved to ``device``, put in
+    train mode with every parameter trainable).
+
+    Builds what ``cfg`` asks for: gradient checkpointing, ``torch.compile``, autocast (``train.mixed_precision``),
+    the SPEC §5 objective, AdamW (fused on CUDA), the LR schedule, the SPEC §6 combiner (DDP-aware through
+    ``dist``) and one seeded :class:`~siss_fast.engine.data.SampleStream` per micro-batch of this rank.
+    Attributes ``unet``, ``optimizer``, ``lr_schedule``, ``combiner``, ``streams`` are what checkpoints save.
+    """
+
+    def __init__(self, cfg: EngineConfig, model: Any, run_data: Any, device: torch.device, *,
+                 dist: Optional[S.Dist] = None, unet: Optional[torch.nn.Module] = None):
+        self.cfg, self.model, self.run_data, self.device = cfg, model, run_data, device
+        self.dist = dist or S.Dist()
+        self.unet = (unet if unet is not None else model.unet).to(device)
+        self.unet.train()
+        self.unet.requires_grad_(True)
+        if cfg.train.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet_fn = torch.compile(self.unet) if cfg.train.compile else self.unet
+        self.amp = S.autocast_dtype(cfg.train.mixed_precision)
+        self.objective = S.make_objective(cfg, model, run_data)
+        self.params: List[torch.Tensor] = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = S.make_optimizer(cfg, self.params, device)
+        self.lr_schedule = S.make_lr_schedule(cfg, self.optimizer)
+        self.combiner = S.make_combiner(cfg, self.params, self.dist)
+        acc = cfg.train.accumulation_steps
+        self.streams = [D.SampleStream(cfg.train.seed, self.dist.rank * acc + m, device) for m in range(acc)]
+        self.partitioned = cfg.gradient.partitioned and cfg.method.name == "siss"
+
+    def unet_call(self, noisy: torch.Tensor, timesteps: torch.Tensor, **cond: Any) -> Any:
+        """The UNet under the run's autocast (fp32 master weights; bf16/fp16 compute when asked)."""
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return self.unet_fn(noisy, timesteps, **cond)
+
+    def __call__(self) -> StepResult:
+        tic = time.perf_counter()
+        acc, batch = self.cfg.train.accumulation_steps, self.cfg.train.batch_size
+        objective, combiner = self.objective, self.combiner
+        stats: Dict[str, float] = {}
+        counts = {"retain": 0, "forget": 0, "mixed": 0}
+        for stream in self.streams:
+            x0, a0, cond_x, cond_a = self.run_data.draw(stream, batch, self.device)
+            fn: Callable = self.unet_call
+            wrapper = PartitionedForward(self.unet_call, objective, x0, a0) if self.partitioned else None
+            terms = objective(wrapper or fn, x0, a0, cond_x=cond_x, cond_a=cond_a, generator=stream.noise_gen)
+            retain, forget = _scaled(terms.retain, acc), _scaled(terms.forget, acc)
+            if wrapper is not None:
+                retain, forget = wrapper.terms(retain, forget)
+                for key, value in wrapper.counts.items():
+                    counts[key] += value
+            combiner.backward(retain, forget)
+            for key, value in terms.float_stats().items():
+                stats[key] = stats.get(key, 0.0) + value / acc
+        info = combiner.finish_step()
+        if not info.skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # a skipped step still advances the schedule (it counts steps, not updates)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.lr_schedule.step()
+        return StepResult(info, stats, counts, lr, time.perf_counter() - tic)
