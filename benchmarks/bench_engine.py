@@ -289,7 +289,7 @@ class ResearchStep:
 
     def __init__(self, bench: Bench, seed: int = 0):
         from siss_fast.engine import setup as S
-        from siss_fast.engine.config import EngineConfig
+        from siss_fast.engine.config import EngineConfig, apply_kind_defaults
 
         self.bench = bench
         device = bench.device
@@ -298,7 +298,7 @@ class ResearchStep:
         self.unet.train()
         self.unet.requires_grad_(True)
         self.vae, self.text_encoder, self.tokenizer, self.scheduler = m.vae, m.text_encoder, m.tokenizer, m.scheduler
-        cfg = EngineConfig()  # same AdamW hyper-parameters and constant LR schedule as the engine
+        cfg = apply_kind_defaults(EngineConfig(), m.kind)  # the engine's AdamW settings and constant LR schedule
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                            eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
         cfg.train.steps = 10**6

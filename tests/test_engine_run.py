@@ -30,6 +30,10 @@ def _final_unet(out):
     return load_file(str(Path(out) / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+def _run_config(out):
+    return json.loads((Path(out) / "config.json").read_text())
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "sd"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs(tmp_path, kind, method):
@@ -182,8 +186,8 @@ def test_mixed_precision_and_gradient_checkpointing(tmp_path, kind):
         assert all(v.dtype == torch.float32 for v in weights.values())  # fp32 master weights
         moved = sum(float((weights[k] - w_ref[k]).abs().max()) for k in w_ref)
         assert moved > 0  # low precision changes the arithmetic ...
-        init = load_config(_config(kind, out))  # ... but takes nearly the same two Adam steps
-        assert all(torch.allclose(weights[k], w_ref[k], atol=5 * init.train.lr) for k in w_ref)
+        lr = _run_config(out)["train"]["lr"]  # ... but takes nearly the same two Adam steps
+        assert all(torch.allclose(weights[k], w_ref[k], atol=5 * lr) for k in w_ref)
 
 
 def test_compiled_unet_matches_eager(tmp_path, monkeypatch):
@@ -201,11 +205,25 @@ def test_compiled_unet_matches_eager(tmp_path, monkeypatch):
     assert compiled_modules == ["UNet2DModel"]
     assert eager.stop_reason == compiled.stop_reason == "steps"
     a, b = _final_unet(tmp_path / "eager"), _final_unet(tmp_path / "compiled")
-    lr = load_config(_config("ddpm", tmp_path)).train.lr
+    lr = _run_config(tmp_path / "eager")["train"]["lr"]
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     # an Adam step moves each weight by about lr; inductor's fused kernels round differently, which flips a few
     # near-zero gradient components (measured: max 0.04 lr, 0.008 % of weights beyond 0.01 lr)
     assert float(diffs.max()) <= 0.25 * lr and float((diffs > 0.01 * lr).double().mean()) < 1e-3
+
+
+def test_kind_defaults_for_batch_and_lr(tmp_path):
+    """train.batch_size / train.lr left null take the model kind's defaults, recorded in config.json."""
+    from siss_fast.engine.config import KIND_DEFAULTS
+
+    for kind in ("ddpm", "sd"):
+        cfg = _config(kind, tmp_path / kind, train={"steps": 1})
+        del cfg["train"]["batch_size"]
+        run(load_config(cfg))
+        saved = _run_config(tmp_path / kind)["train"]
+        assert (saved["batch_size"], saved["lr"]) == (KIND_DEFAULTS[kind]["batch_size"], KIND_DEFAULTS[kind]["lr"])
+        records = [json.loads(x) for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+        assert [r["lr"] for r in records if "lr" in r] == [KIND_DEFAULTS[kind]["lr"]]
 
 
 def test_relative_forget_target_by_default():

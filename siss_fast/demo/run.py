@@ -82,9 +82,9 @@ def resolved(cfg: "DemoConfig") -> "DemoConfig":
     relative)."""
     from dataclasses import replace
 
-    from siss_fast.engine.config import EngineConfig
+    from siss_fast.engine.config import EngineConfig, apply_kind_defaults
 
-    defaults = EngineConfig()
+    defaults = apply_kind_defaults(EngineConfig(), "ddpm")  # the demo's model is a pixel DDPM
     return replace(cfg, **{k: getattr(getattr(defaults, sec), key) for k, (sec, key) in _ENGINE_DEFAULTS.items()
                            if getattr(cfg, k) is None})
 

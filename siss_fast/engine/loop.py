@@ -217,7 +217,6 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
     out = Path(cfg.output_dir)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     dist.barrier()
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
@@ -225,7 +224,9 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
 
     model = S.prepare_model(cfg, dist, out)
     run_data = S.prepare_data(cfg, model, device)
-    step_fn = UnlearnStep(cfg, model, run_data, device, dist=dist)
+    step_fn = UnlearnStep(cfg, model, run_data, device, dist=dist)  # fills the model kind's batch / lr defaults
+    if dist.main:
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     unet, optimizer, lr_schedule, combiner, streams = (step_fn.unet, step_fn.optimizer, step_fn.lr_schedule,
                                                        step_fn.combiner, step_fn.streams)
     if dist.world > 1:  # replicas start identical

@@ -33,7 +33,7 @@ import torch
 
 from . import data as D
 from . import setup as S
-from .config import EngineConfig
+from .config import EngineConfig, apply_kind_defaults
 from .partition import PartitionedForward
 
 __all__ = ["UnlearnStep", "StepResult"]
@@ -62,7 +62,8 @@ class UnlearnStep:
     """The engine's optimizer step for ``cfg`` on ``unet`` (default ``model.unet``, moved to ``device``, put in
     train mode with every parameter trainable).
 
-    Builds what ``cfg`` asks for: gradient checkpointing, ``torch.compile``, autocast (``train.mixed_precision``),
+    ``train.batch_size`` / ``train.lr`` left null get the model kind's defaults (written into ``cfg``). Builds what
+    ``cfg`` asks for: gradient checkpointing, ``torch.compile``, autocast (``train.mixed_precision``),
     the SPEC §5 objective, AdamW (fused on CUDA), the LR schedule, the SPEC §6 combiner (DDP-aware through
     ``dist``) and one seeded :class:`~siss_fast.engine.data.SampleStream` per micro-batch of this rank.
     Attributes ``unet``, ``optimizer``, ``lr_schedule``, ``combiner``, ``streams`` are what checkpoints save.
@@ -70,6 +71,7 @@ class UnlearnStep:
 
     def __init__(self, cfg: EngineConfig, model: Any, run_data: Any, device: torch.device, *,
                  dist: Optional[S.Dist] = None, unet: Optional[torch.nn.Module] = None):
+        apply_kind_defaults(cfg, model.kind)  # train.batch_size / train.lr left null
         self.cfg, self.model, self.run_data, self.device = cfg, model, run_data, device
         self.dist = dist or S.Dist()
         self.unet = (unet if unet is not None else model.unet).to(device)
