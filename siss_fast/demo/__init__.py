@@ -31,6 +31,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--model", default=None, help="base model folder written by --pretrain (default: shipped)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--steps", type=int, default=d.max_steps, help="unlearning budget in optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="retain/forget pairs per step (default: the engine's default for a pixel DDPM, 64)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the engine's, 2e-4)")
     parser.add_argument("--num-samples", type=int, default=d.num_samples, help="samples for before/after metrics")
     parser.add_argument("--sampler-steps", type=int, default=d.sampler_steps, help="DDIM steps")
     parser.add_argument("--backend", choices=("auto", "engine", "direct"), default=d.backend,
@@ -64,8 +67,8 @@ def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int
     from .run import DemoConfig, run_compare, run_demo
 
     cfg = DemoConfig(out=args.out or ("runs/demo-compare" if args.compare else "runs/demo"), model=args.model,
-                     seed=args.seed, max_steps=args.steps, num_samples=args.num_samples,
-                     sampler_steps=args.sampler_steps, backend=args.backend, threads=args.threads,
+                     seed=args.seed, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     num_samples=args.num_samples, sampler_steps=args.sampler_steps, backend=args.backend, threads=args.threads,
                      likelihood=not args.no_likelihood)
     # the command owns its process: denormals off for speed (a library call never changes global FP state)
     torch.set_flush_denormal(True)

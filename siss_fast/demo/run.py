@@ -7,10 +7,10 @@ the T-shirt in a few % of its samples. The demo
 1. measures the base model (``before``): forget rate and classifier quality on ``num_samples`` DDIM samples from
    fixed seeds, the membership signal (denoising loss of the T-shirt vs retained digits at fixed (t, eps)), and the
    variational bound on the likelihood of the T-shirt (bits/dim);
-2. unlearns the T-shirt with SISS (lambda = 0.5) until the budget ends or a stop rule fires (every
-   ``val_every`` steps a cheap forget check on ``val_samples`` samples: stop when none is a T-shirt; the quality
-   guard stops when the classifier score falls more than ``quality_tolerance`` below its start), keeping the
-   best validated state that met the target;
+2. unlearns the T-shirt with SISS (lambda = 0.5) through the engine with the engine's defaults (a pixel DDPM:
+   batch 64, lr 2e-4, ``scaling_norm: auto``; every 10 steps a check on 256 samples from fixed seeds; stop when its
+   forget rate falls to 0.1 x its value at step 0, or when the classifier quality falls more than 15 % below it;
+   keep the best validated state that met the target) until the budget (``max_steps``) ends;
 3. measures again (``after``), and writes the run directory: ``report.md``, ``report.json``, ``grid_before.png``,
    ``grid_after.png``, ``metrics.jsonl``, ``manifest.json``.
 
@@ -149,8 +149,9 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
     Per step: ``batch_size`` retain digits and as many forget images (sampled with replacement), one objective
     call, the SPEC §6 rule (the method's own: rescale / erasediff; ``scaling_norm`` auto = 0.1 |G_x| of step 1),
     the total clipped to ``max_grad_norm``, AdamW. Every ``val_every`` steps: the cheap check; the run stops when
-    its forget rate <= ``forget_target`` (target) or its quality < (1 - tol) * its value at step 0 (guard); the
-    returned model is the best checked state that met the target (highest quality), else the last state.
+    its forget rate <= the target (``forget_target``, else ``forget_target_ratio`` x its value at step 0) or its
+    quality < (1 - tol) * its value at step 0 (guard); the returned model is the best checked state that met the
+    target (highest quality), else (guard tripped) the last checked state within the guard, else the last state.
     """
     from siss_fast.gradients import GradientCombiner
     from siss_fast.objectives import Objective
@@ -169,6 +170,7 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
     combiner = GradientCombiner(params, rule=objective.rule_hint or "rescale", scaling_norm=cfg.scaling_norm,
                                 max_grad_norm=cfg.max_grad_norm)
     best_state, best_quality, best_step = None, None, None
+    last_good, last_good_step = copy.deepcopy(unet.state_dict()), 0  # step 0 is within the guard by definition
     stop_reason, step = "budget", 0
     check0 = _cheap_check(unet, alphas_cumprod, classifier, data, cfg)  # the guard's baseline: same samples
     baseline_quality = check0["quality"]
@@ -204,6 +206,8 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
             if met and not tripped and (best_quality is None or check["quality"] > best_quality):
                 best_state = copy.deepcopy(unet.state_dict())
                 best_quality, best_step = check["quality"], step
+            elif best_state is None and not tripped:  # the engine's rule: the last state within the guard
+                last_good, last_good_step = copy.deepcopy(unet.state_dict()), step
             if step >= cfg.min_steps:
                 if tripped:
                     stop_reason = "quality_guard"
@@ -217,6 +221,9 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
     if best_state is not None:
         unet.load_state_dict(best_state)
         final_step = best_step
+    elif stop_reason == "quality_guard" and last_good is not None:
+        unet.load_state_dict(last_good)
+        final_step = last_good_step
     else:
         final_step = step
     unet.eval()
@@ -395,45 +402,73 @@ def _short(m: Dict) -> str:
 
 
 def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Every method of SPEC §5 with the same budget and seed (direct backend: the same loop for all); writes
-    ``compare.json``, a table in ``report.md`` and ``pareto.png``."""
+    """Every method of SPEC §5 with the same budget, seed, defaults and stop rules; writes ``compare.json``, a table
+    in ``report.md``, ``pareto.png`` and one engine run directory per method under ``methods/``.
+
+    ``neggrad`` has no retain gradient, so ``scaling_norm: auto`` (0.1 |G_x|) is undefined for it: it gets the
+    ``c`` that SISS's auto rule measured (the same forget-gradient norm SISS applies), recorded in its row."""
     from .models import SHIPPED_MODEL, load_base_model, model_hash
     from .report import rebuild_report, save_pareto_plot
 
     start = time.perf_counter()
-    cfg = resolved(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(cfg.model) if cfg.model else SHIPPED_MODEL
     unet0, scheduler, classifier = load_base_model(model_dir)
     abar = scheduler.alphas_cumprod.to(torch.float64)
     data = demo_data()
+    backend = cfg.backend if cfg.backend != "auto" else ("engine" if _engine_available() else "direct")
     before, _, _ = measure(unet0, abar, classifier, data, num_samples=cfg.num_samples,
                            sampler_steps=cfg.sampler_steps, seed=cfg.seed, likelihood=False)
     _log(f"before: {_short(before)}", start)
-    rows = []
+    rows: List[Dict[str, Any]] = []
+    siss_c: Optional[float] = None
     with (run_dir / "metrics.jsonl").open("w") as f:
         for name, kw in COMPARE_METHODS:
-            c = DemoConfig(**{**asdict(cfg), **kw})
+            extra: Dict[str, Any] = {}
+            if kw["method"] == "neggrad" and cfg.scaling_norm == "auto":
+                extra["scaling_norm"] = siss_c if siss_c is not None else 1.0
+            c = DemoConfig(**{**asdict(cfg), **kw, **extra})
             unet = copy.deepcopy(unet0)
             t0 = time.perf_counter()
-            info = unlearn_direct(unet, abar, classifier, data, c,
-                                  log=lambda row, n=name: f.write(json.dumps({"method": n, **row}) + "\n"),
-                                  start=start)
+            if backend == "engine":
+                from .engine_backend import unlearn_engine
+
+                method_dir = run_dir / "methods" / name.replace("(", "_").replace(")", "").replace("+", "_")
+                info = unlearn_engine(unet, model_dir, classifier, data, c, run_dir=method_dir, log=None,
+                                      start=start)
+                manifest = json.loads((method_dir / "manifest.json").read_text())
+                info["scaling_norm"] = manifest.get("scaling_norm")
+                for line in (method_dir / "metrics.jsonl").read_text().splitlines():
+                    if line.strip():
+                        f.write(json.dumps({"method": name, **json.loads(line)}) + "\n")
+            else:
+                info = unlearn_direct(unet, abar, classifier, data, resolved(c),
+                                      log=lambda row, n=name: f.write(json.dumps({"method": n, **row}) + "\n"),
+                                      start=start)
+            if name == "siss(0.5)" and isinstance(info.get("scaling_norm"), (int, float)):
+                siss_c = float(info["scaling_norm"])
             wall = time.perf_counter() - t0
             after, _, _ = measure(unet, abar, classifier, data, num_samples=cfg.num_samples,
                                   sampler_steps=cfg.sampler_steps, seed=cfg.seed, likelihood=False)
-            _log(f"{name}: {info['steps']} steps ({info['stop_reason']}), after: {_short(after)}", start)
-            rows.append({"name": name, **kw, "steps": info["steps"], "final_step": info["final_step"],
+            _log(f"{name}: {info['steps']} steps ({info['stop_reason']}, kept step {info['final_step']}), after: "
+                 f"{_short(after)}", start)
+            rows.append({"name": name, **kw, **extra, "steps": info["steps"], "final_step": info["final_step"],
                          "stop_reason": info["stop_reason"], "wall_s": round(wall, 1), "after": after})
     plot = save_pareto_plot(rows, run_dir / "pareto.png", baseline=before)
+    settings = resolved(cfg)
     report = {"title": "comparison of unlearning methods", "before": before, "after": {},
               "method": "compare", "steps": cfg.max_steps, "wall_s": round(time.perf_counter() - start, 1),
-              "base_model_sha256": model_hash(model_dir), "compare": rows,
-              "notes": [f"same budget ({cfg.max_steps} steps, batch {cfg.batch_size}, lr {cfg.lr}), seed {cfg.seed} "
-                        f"and stop rules for every method; plot drawn with {plot}",
+              "backend": backend, "base_model_sha256": model_hash(model_dir), "compare": rows,
+              "notes": [f"same budget ({cfg.max_steps} steps, batch {settings.batch_size}, lr {settings.lr}), seed "
+                        f"{cfg.seed}, engine defaults and stop rules for every method; plot drawn with {plot}",
                         "siss(0)+clip: lambda = 0 (samples drawn around the retain images only) with importance "
-                        "weights clipped at 10"]}
+                        "weights clipped at 10",
+                        f"neggrad: scaling_norm = the c SISS's auto rule measured ({siss_c})"]}
+    if argv is not None:
+        report["command"] = "siss-fast demo " + " ".join(argv)
     (run_dir / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     rebuild_report(run_dir)
