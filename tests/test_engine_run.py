@@ -304,3 +304,18 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     final = _final_unet(tmp_path / "n")
     assert all(torch.equal(base[k], final[k]) for k in final)  # weights untouched
     del before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_cuda_run_mixed_precision_checkpointing_fused_adamw(tmp_path, precision):
+    """On a GPU: tiny SD with autocast, gradient checkpointing and fused AdamW; peak memory logged every step."""
+    cfg = _config("sd", tmp_path / precision, train={"device": "cuda", "mixed_precision": precision,
+                                                     "gradient_checkpointing": True, "steps": 3})
+    result = run(load_config(cfg))
+    assert result.stop_reason == "steps" and result.steps_done == 3
+    records = [json.loads(x) for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "total_norm" in r]
+    assert all(not r["skipped"] and r["peak_cuda_memory_gb"] > 0 for r in steps)
+    weights = _final_unet(tmp_path / precision)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
