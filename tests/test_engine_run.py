@@ -226,6 +226,23 @@ def test_kind_defaults_for_batch_and_lr(tmp_path):
         assert [r["lr"] for r in records if "lr" in r] == [KIND_DEFAULTS[kind]["lr"]]
 
 
+def test_forget_distance_auto_radius():
+    """forget_distance counts samples within half of each forget item's distance to its nearest retain image."""
+    from siss_fast.engine.validation import MetricContext, build_metrics, forget_thresholds
+
+    retain = torch.zeros(3, 1, 2, 2)
+    retain[1] += 1.0  # RMS distances from the forget item (0.6 everywhere): 0.6 and 0.4
+    retain[2] += 0.2
+    forget = torch.full((1, 1, 2, 2), 0.6)
+    assert forget_thresholds(forget, retain).tolist() == pytest.approx([0.2])
+    assert forget_thresholds(forget, retain, 0.05).tolist() == [0.05]
+    samples = torch.stack([forget[0] + 0.19, forget[0] - 0.21, forget[0], retain[2]])
+    score = build_metrics(["forget_distance"], MetricContext(retain, forget), {})["forget_distance"]
+    assert score(samples) == pytest.approx(0.5)  # the copy and the one 0.19 away
+    tight = build_metrics(["forget_distance"], MetricContext(retain, forget), {"forget_distance": {"threshold": 0.1}})
+    assert tight["forget_distance"](samples) == pytest.approx(0.25)
+
+
 def test_relative_forget_target_by_default():
     """forget_target null (the default): met when the forget metric falls to forget_target_ratio x its baseline."""
     from siss_fast.engine.config import EngineConfig

@@ -3,6 +3,7 @@
     siss-fast demo [--out DIR]            # measure, unlearn with SISS, measure, write DIR/report.md (a few minutes)
     siss-fast demo --compare              # every method of SPEC §5, same budget and seed, + pareto.png
     siss-fast demo --pretrain --out DIR   # re-train the shipped base model and classifier (seeded)
+    siss-fast demo --text-to-image        # a tiny Stable Diffusion memorizes one image for one prompt, then forgets it
     siss-fast report RUN_DIR              # rebuild RUN_DIR/report.md from RUN_DIR/report.json
 
 The command-line glue lives here (:func:`add_demo_arguments`, :func:`demo_main`, :func:`report_main`) so that
@@ -21,26 +22,49 @@ __all__ = ["add_demo_arguments", "demo_main", "add_report_arguments", "report_ma
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .run import DemoConfig
+    from .text_to_image import T2IConfig
 
-    d = DemoConfig()
+    d, t = DemoConfig(), T2IConfig()
     parser.add_argument("--out", default=None, help="run directory (default runs/demo, runs/demo-compare, "
                         "runs/pretrain with --pretrain)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true", help="run every method of SPEC §5 with the same budget")
     mode.add_argument("--pretrain", action="store_true", help="re-train the base model and classifier (seeded)")
-    parser.add_argument("--model", default=None, help="base model folder written by --pretrain (default: shipped)")
+    mode.add_argument("--text-to-image", action="store_true",
+                      help="a tiny Stable Diffusion built from configs memorizes one image for one prompt, then SISS "
+                      "unlearns it (default --out runs/demo-t2i)")
+    parser.add_argument("--model", default=None, help="base model folder written by --pretrain (default: shipped); "
+                        "with --text-to-image: the base_model/ of an earlier run (skips building and memorizing)")
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--steps", type=int, default=d.max_steps, help="unlearning budget in optimizer steps")
+    # --steps, --num-samples, --sampler-steps: None = the mode's default, filled in by demo_main
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"unlearning budget in optimizer steps (default {d.max_steps}; text-to-image {t.max_steps})")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="retain/forget pairs per step (default: the engine's default for a pixel DDPM, 64)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the engine's, 2e-4)")
-    parser.add_argument("--num-samples", type=int, default=d.num_samples, help="samples for before/after metrics")
-    parser.add_argument("--sampler-steps", type=int, default=d.sampler_steps, help="DDIM steps")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help=f"samples for before/after metrics (default {d.num_samples}; text-to-image "
+                        f"{t.num_samples}, of the memorized prompt)")
+    parser.add_argument("--sampler-steps", type=int, default=None,
+                        help=f"DDIM steps (default {d.sampler_steps}; text-to-image {t.sampler_steps})")
     parser.add_argument("--backend", choices=("auto", "engine", "direct"), default=d.backend,
                         help="unlearning loop: the engine (auto, if present) or the direct objectives+combiner loop")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-likelihood", action="store_true", help="skip the bits/dim bound")
     return parser
+
+
+def _resolve_mode_defaults(args: argparse.Namespace) -> None:
+    """Fill ``--steps`` / ``--num-samples`` / ``--sampler-steps`` left at ``None`` with the chosen mode's defaults
+    (the pixel demo's and the text-to-image demo's budgets differ)."""
+    if getattr(args, "text_to_image", False):
+        from .text_to_image import T2IConfig as Config
+    else:
+        from .run import DemoConfig as Config
+    c = Config()
+    for key, value in (("steps", c.max_steps), ("num_samples", c.num_samples), ("sampler_steps", c.sampler_steps)):
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def _command(args: argparse.Namespace) -> List[str]:
@@ -57,8 +81,11 @@ def _command(args: argparse.Namespace) -> List[str]:
 def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
     from pathlib import Path
 
+    _resolve_mode_defaults(args)
     argv = _command(args) if argv is None else argv
 
+    if getattr(args, "text_to_image", False):
+        return _text_to_image_main(args, argv)
     if args.pretrain:
         from .pretrain import pretrain
 
@@ -75,6 +102,29 @@ def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int
     report = (run_compare if args.compare else run_demo)(cfg, argv)
     if args.compare:
         return 0
+    print(Path(cfg.out, "report.md").read_text())
+    return 0 if all(report["pass_criteria"].values()) else 1
+
+
+def _text_to_image_main(args: argparse.Namespace, argv: List[str]) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .text_to_image import T2IConfig, run_text_to_image
+
+    if args.backend == "direct":
+        raise SystemExit("siss-fast demo --text-to-image: it unlearns through the engine; --backend direct is for the "
+                         "pixel demo")
+    if args.no_likelihood:
+        raise SystemExit("siss-fast demo --text-to-image: --no-likelihood is for the pixel demo (no bits/dim here)")
+    cfg = T2IConfig(out=args.out or "runs/demo-t2i", model=args.model, seed=args.seed, threads=args.threads,
+                    max_steps=args.steps, num_samples=args.num_samples, sampler_steps=args.sampler_steps)
+    if args.batch_size is not None:
+        cfg = replace(cfg, batch_size=args.batch_size)
+    if args.lr is not None:
+        cfg = replace(cfg, lr=args.lr)
+    torch.set_flush_denormal(True)  # the command owns its process (see demo_main)
+    report = run_text_to_image(cfg, argv)
     print(Path(cfg.out, "report.md").read_text())
     return 0 if all(report["pass_criteria"].values()) else 1
 

@@ -18,6 +18,23 @@ __all__ = ["save_grid", "render_report", "rebuild_report", "save_pareto_plot", "
 
 # metric key -> (direction, description) shown in report.md
 METRIC_DOCS = {
+    # text-to-image runs (siss-fast demo --text-to-image)
+    "reproduction_rate": ("lower", "share of the memorized prompt's generations whose Pearson correlation with the "
+                          "memorized image exceeds the reproduction threshold (0.9 by default)"),
+    "forget_similarity": ("lower", "mean Pearson correlation of the memorized prompt's generations with the memorized "
+                          "image"),
+    "noise_norm_forget": ("lower", "noise-norm memorization signal (Wen et al., ICLR 2024) of the memorized prompt: "
+                          "mean of ‖eps(x_t, prompt) - eps(x_t, '')‖ over the sampling trajectory"),
+    "noise_norm_other": ("flat", "the same signal for the other prompts (mean)"),
+    "other_prompt_similarity_to_before": ("higher", "mean Pearson correlation of each other-prompt generation with the "
+                                          "same-seed generation before unlearning (1 = unchanged)"),
+    "other_prompt_similarity_to_before_min": ("higher", "the lowest of those correlations"),
+    "other_forget_similarity": ("flat", "mean Pearson correlation of the other prompts' generations with the memorized "
+                                "image"),
+    "other_reproduction_rate": ("lower", "share of the other prompts' generations that reproduce the memorized image"),
+    "prompt_accuracy": ("higher", "share of the digit prompts' generations that the digits classifier assigns to the "
+                        "prompt's digit"),
+    # pixel runs (siss-fast demo) and both
     "forget_rate": ("lower", "share of generated samples within L2 4.5 of the planted T-shirt ([0, 1] pixels)"),
     "quality": ("higher", "Inception-Score-style score of the digits classifier on the non-T-shirt samples (max 10)"),
     "class_entropy": ("higher", "entropy of the predicted digit classes / log 10 (1 = balanced)"),
