@@ -131,18 +131,19 @@ def test_validation_stop_rules_and_best_model(tmp_path):
         def score(samples):
             assert samples.shape == (4, 3, 16, 16)
             calls.append(1)
-            return {1: 1.0, 2: 1.0, 3: 0.0}.get(len(calls), 0.0)  # baseline, step 2: not met; step 4: met
-        return score
+            return {1: 1.0, 2: 1.0, 3: 0.0, 4: 1.0}.get(len(calls), 0.0)  # baseline, step 2: not met; 4: met,
+        return score                                                         # 6: not met; 8 and 10: met
 
-    cfg = _config("ddpm", tmp_path / "v", train={"steps": 10},
+    cfg = _config("ddpm", tmp_path / "v", train={"steps": 12},
                   validation={"every": 2, "num_samples": 4, "sampler_steps": 2, "batch_size": 4,
                               "metrics": ["test_forget_countdown", "retain_distance"],
                               "forget_metric": "test_forget_countdown", "forget_target": 0.5,
                               "quality_tolerance": 10.0})
     result = run(load_config(cfg))
-    assert (result.stop_reason, result.steps_done, result.best_step) == ("forget_target", 4, 4)
+    # target_patience 2 (default): met at 4 alone does not count; met at 8 and 10 in a row stops the run at 10
+    assert (result.stop_reason, result.steps_done, result.best_step) == ("forget_target", 10, 10)
     manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
-    assert manifest["final_model"]["from"] == "best@4" and manifest["metrics_after"]["test_forget_countdown"] == 0
+    assert manifest["final_model"]["from"] == "best@10" and manifest["metrics_after"]["test_forget_countdown"] == 0
     assert (tmp_path / "v" / "samples" / "step-000004.png").is_file()
 
     # the quality guard: a metric that worsens by more than the tolerance stops the run, and nothing met the target
@@ -250,15 +251,18 @@ def test_relative_forget_target_by_default():
 
     v = EngineConfig().validation
     assert v.forget_target is None and v.forget_target_ratio == 0.1 and v.num_samples >= 256
-    rules = StopRules("forget_distance", None, "retain_distance", 0.1, True, True, 1, 0.1)
+    assert v.target_patience == 2
+    rules = StopRules("forget_distance", None, "retain_distance", 0.1, True, True, 1, 0.1, 2)
     assert rules.update(0, {"forget_distance": 0.05, "retain_distance": 0.2})["target"] == pytest.approx(0.005)
     assert rules.update(10, {"forget_distance": 0.006, "retain_distance": 0.2})["stop"] is None
     verdict = rules.update(20, {"forget_distance": 0.004, "retain_distance": 0.21})
-    assert verdict["target_met"] and verdict["stop"] == "forget_target" and rules.best_step == 20
+    assert verdict["target_met"] and verdict["stop"] is None and rules.best_step is None  # once: not yet
+    verdict = rules.update(30, {"forget_distance": 0.0, "retain_distance": 0.21})
+    assert verdict["stop"] == "forget_target" and rules.best_step == 30
     guard = StopRules("forget_distance", None, "retain_distance", 0.1, True, True, 1, 0.1)
     guard.update(0, {"forget_distance": 0.05, "retain_distance": 0.2})
     assert guard.update(10, {"forget_distance": 0.0, "retain_distance": 0.23})["stop"] == "quality_guard"
-    absolute = StopRules("forget_distance", 0.01, None, 0.1, True, True, 1, 0.1)
+    absolute = StopRules("forget_distance", 0.01, None, 0.1, True, True, 1, 0.1, 1)
     absolute.update(0, {"forget_distance": 0.05})
     assert absolute.update(10, {"forget_distance": 0.008})["target_met"]
 

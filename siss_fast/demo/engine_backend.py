@@ -53,6 +53,7 @@ def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path])
         "validation": {
             **given(every=cfg.val_every, num_samples=cfg.val_samples, forget_target=cfg.forget_target,
                     forget_target_ratio=cfg.forget_target_ratio, quality_tolerance=cfg.quality_tolerance,
+                    target_patience=cfg.target_patience,
                     min_steps=cfg.min_steps),
             "sampler_steps": cfg.sampler_steps, "seed": cfg.seed + 1,
             "metrics": ["forget_rate", "classifier_quality"],

@@ -63,6 +63,7 @@ class DemoConfig:
     val_samples: Optional[int] = None
     forget_target: Optional[float] = None       # absolute; None: forget_target_ratio x the rate at step 0
     forget_target_ratio: Optional[float] = None
+    target_patience: Optional[int] = None       # checks in a row that must meet the target
     quality_tolerance: Optional[float] = None   # guard: stop when quality < (1 - tol) * quality at step 0
     min_steps: Optional[int] = None
     backend: str = "auto"                # auto | engine | direct
@@ -74,6 +75,7 @@ _ENGINE_DEFAULTS = {"batch_size": ("train", "batch_size"), "lr": ("train", "lr")
                     "max_grad_norm": ("gradient", "max_grad_norm"), "val_every": ("validation", "every"),
                     "val_samples": ("validation", "num_samples"), "forget_target_ratio": ("validation",
                     "forget_target_ratio"), "quality_tolerance": ("validation", "quality_tolerance"),
+                    "target_patience": ("validation", "target_patience"),
                     "min_steps": ("validation", "min_steps")}
 
 
@@ -171,6 +173,7 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
                                 max_grad_norm=cfg.max_grad_norm)
     best_state, best_quality, best_step = None, None, None
     last_good, last_good_step = copy.deepcopy(unet.state_dict()), 0  # step 0 is within the guard by definition
+    streak = 0
     stop_reason, step = "budget", 0
     check0 = _cheap_check(unet, alphas_cumprod, classifier, data, cfg)  # the guard's baseline: same samples
     baseline_quality = check0["quality"]
@@ -203,7 +206,9 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
             row.update({"val_" + k: v for k, v in check.items()}, target_met=met, guard_tripped=tripped)
             _log(f"step {step}: check forget_rate {check['forget_rate']:.4f} quality {check['quality']:.3f}"
                  f"{' (target met)' if met else ''}{' (guard tripped)' if tripped else ''}", start)
-            if met and not tripped and (best_quality is None or check["quality"] > best_quality):
+            streak = streak + 1 if (met and not tripped) else 0
+            confirmed = streak >= cfg.target_patience  # the engine's rule: met at that many checks in a row
+            if confirmed and (best_quality is None or check["quality"] > best_quality):
                 best_state = copy.deepcopy(unet.state_dict())
                 best_quality, best_step = check["quality"], step
             elif best_state is None and not tripped:  # the engine's rule: the last state within the guard
@@ -211,7 +216,7 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
             if step >= cfg.min_steps:
                 if tripped:
                     stop_reason = "quality_guard"
-                elif met:
+                elif confirmed:
                     stop_reason = "forget_target"
             log(row)
             if stop_reason != "budget":
@@ -443,7 +448,10 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
                 info["scaling_norm"] = manifest.get("scaling_norm")
                 for line in (method_dir / "metrics.jsonl").read_text().splitlines():
                     if line.strip():
-                        f.write(json.dumps({"method": name, **json.loads(line)}) + "\n")
+                        record = json.loads(line)
+                        f.write(json.dumps({"method": name, **record}) + "\n")
+                        if "validation" in record:  # the check that ended the run (a tripped guard shows here)
+                            info["last_check"] = record["validation"]
             else:
                 info = unlearn_direct(unet, abar, classifier, data, resolved(c),
                                       log=lambda row, n=name: f.write(json.dumps({"method": n, **row}) + "\n"),
@@ -456,7 +464,8 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
             _log(f"{name}: {info['steps']} steps ({info['stop_reason']}, kept step {info['final_step']}), after: "
                  f"{_short(after)}", start)
             rows.append({"name": name, **kw, **extra, "steps": info["steps"], "final_step": info["final_step"],
-                         "stop_reason": info["stop_reason"], "wall_s": round(wall, 1), "after": after})
+                         "stop_reason": info["stop_reason"], "last_check": info.get("last_check"),
+                         "wall_s": round(wall, 1), "after": after})
     plot = save_pareto_plot(rows, run_dir / "pareto.png", baseline=before)
     settings = resolved(cfg)
     report = {"title": "comparison of unlearning methods", "before": before, "after": {},
@@ -466,7 +475,10 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
                         f"{cfg.seed}, engine defaults and stop rules for every method; plot drawn with {plot}",
                         "siss(0)+clip: lambda = 0 (samples drawn around the retain images only) with importance "
                         "weights clipped at 10",
-                        f"neggrad: scaling_norm = the c SISS's auto rule measured ({siss_c})"]}
+                        f"neggrad: scaling_norm = the c SISS's auto rule measured ({siss_c})",
+                        "kept step: the weights each method ends with (best confirmed state that met the target; if "
+                        "the quality guard tripped first, the last state within it -- 0 is the base model); last "
+                        "check: the engine's validation (256 samples) at the step the run stopped"]}
     if argv is not None:
         report["command"] = "siss-fast demo " + " ".join(argv)
     (run_dir / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")

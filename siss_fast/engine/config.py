@@ -160,6 +160,7 @@ class ValidationConfig:
     forget_metric: Optional[str] = "forget_distance"
     forget_target: Optional[float] = None  # absolute: met when forget_metric <= it (>= if higher-is-better)
     forget_target_ratio: float = 0.1  # forget_target null: met when forget_metric <= ratio x its value at step 0
+    target_patience: int = 2  # validations in a row that must meet the target before it stops the run
     quality_metric: Optional[str] = "retain_distance"
     quality_tolerance: float = 0.15  # guard trips when quality worsens by more than this fraction of the baseline
     stop_on_target: bool = True
@@ -469,6 +470,8 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
     _require(0 <= v.forget_target_ratio < 1, "validation.forget_target_ratio",
              f"expected a number in [0, 1), got {v.forget_target_ratio}")
     _require(v.min_steps >= 0, "validation.min_steps", f"expected an integer >= 0, got {v.min_steps}")
+    _require(v.target_patience >= 1, "validation.target_patience",
+             f"expected an integer >= 1, got {v.target_patience}")
     if True:  # metric names are checked even when validation is off: a typo should not wait for a later run
         from .validation import check_metric_name
 

@@ -135,7 +135,8 @@ class _Validator:
         ctx = V.MetricContext(run.retain_pixels, run.forget_pixels, {}, model.kind, device)
         self.metrics = V.build_metrics(v.metrics, ctx, v.metric_options)
         self.rules = V.StopRules(v.forget_metric, v.forget_target, v.quality_metric, v.quality_tolerance,
-                                 v.stop_on_target, v.stop_on_guard, v.min_steps, v.forget_target_ratio)
+                                 v.stop_on_target, v.stop_on_guard, v.min_steps, v.forget_target_ratio,
+                                 v.target_patience)
         self.cond = self.uncond = None
         if model.kind == "sd":
             prompt = v.prompt or run.forget_prompts[0]
