@@ -138,12 +138,18 @@ def test_validation_stop_rules_and_best_model(tmp_path):
                   validation={"every": 2, "num_samples": 4, "sampler_steps": 2, "batch_size": 4,
                               "metrics": ["test_forget_countdown", "retain_distance"],
                               "forget_metric": "test_forget_countdown", "forget_target": 0.5,
-                              "quality_tolerance": 10.0})
+                              "quality_metric": None})
     result = run(load_config(cfg))
-    # target_patience 2 (default): met at 4 alone does not count; met at 8 and 10 in a row stops the run at 10
-    assert (result.stop_reason, result.steps_done, result.best_step) == ("forget_target", 10, 10)
+    # target_patience 2 (default): met at 4 alone does not count; met at 8 and 10 in a row stops the run at 10 and
+    # the streak's first state is kept (no quality metric to prefer a later one)
+    assert (result.stop_reason, result.steps_done, result.best_step) == ("forget_target", 10, 8)
     manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
-    assert manifest["final_model"]["from"] == "best@10" and manifest["metrics_after"]["test_forget_countdown"] == 0
+    assert manifest["final_model"]["from"] == "best@8" and manifest["metrics_after"]["test_forget_countdown"] == 0
+    from safetensors.torch import load_file
+
+    best = load_file(str(tmp_path / "v" / "best.safetensors"))
+    assert json.loads((tmp_path / "v" / "best.json").read_text())["step"] == 8
+    assert all(torch.equal(best[k], v) for k, v in _final_unet(tmp_path / "v").items())
     assert (tmp_path / "v" / "samples" / "step-000004.png").is_file()
 
     # the quality guard: a metric that worsens by more than the tolerance stops the run, and nothing met the target
@@ -154,7 +160,8 @@ def test_validation_stop_rules_and_best_model(tmp_path):
         return lambda samples: float(drift.append(1) or len(drift))  # 1, 2, 3, ...: lower is better
 
     cfg["validation"].update(metrics=["forget_distance", "test_quality_drift"], forget_metric="forget_distance",
-                             quality_metric="test_quality_drift", forget_target=-1.0, quality_tolerance=1.5)
+                             quality_tolerance=1.5,
+                             quality_metric="test_quality_drift", forget_target=-1.0)
     cfg["output_dir"] = str(tmp_path / "g")
     result = run(load_config(cfg))
     assert (result.stop_reason, result.steps_done, result.best_step) == ("quality_guard", 4, None)
@@ -257,8 +264,9 @@ def test_relative_forget_target_by_default():
     assert rules.update(10, {"forget_distance": 0.006, "retain_distance": 0.2})["stop"] is None
     verdict = rules.update(20, {"forget_distance": 0.004, "retain_distance": 0.21})
     assert verdict["target_met"] and verdict["stop"] is None and rules.best_step is None  # once: not yet
-    verdict = rules.update(30, {"forget_distance": 0.0, "retain_distance": 0.21})
-    assert verdict["stop"] == "forget_target" and rules.best_step == 30
+    verdict = rules.update(30, {"forget_distance": 0.0, "retain_distance": 0.22})
+    # confirmed: the streak's best-quality state (step 20, retain_distance 0.21 < 0.22) is the candidate
+    assert verdict["stop"] == "forget_target" and verdict["is_best"] and rules.best_step == 20
     guard = StopRules("forget_distance", None, "retain_distance", 0.1, True, True, 1, 0.1)
     guard.update(0, {"forget_distance": 0.05, "retain_distance": 0.2})
     assert guard.update(10, {"forget_distance": 0.0, "retain_distance": 0.23})["stop"] == "quality_guard"
