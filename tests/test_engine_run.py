@@ -140,15 +140,15 @@ def test_validation_stop_rules_and_best_model(tmp_path):
                               "forget_metric": "test_forget_countdown", "forget_target": 0.5,
                               "quality_metric": None})
     result = run(load_config(cfg))
-    # target_patience 2 (default): met at 4 alone does not count; met at 8 and 10 in a row stops the run at 10 and
-    # the streak's first state is kept (no quality metric to prefer a later one)
-    assert (result.stop_reason, result.steps_done, result.best_step) == ("forget_target", 10, 8)
+    # target_patience 2 (default): met at 4 alone does not count; met at 8 and 10 in a row stops the run at 10,
+    # whose state is kept
+    assert (result.stop_reason, result.steps_done, result.best_step) == ("forget_target", 10, 10)
     manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
-    assert manifest["final_model"]["from"] == "best@8" and manifest["metrics_after"]["test_forget_countdown"] == 0
+    assert manifest["final_model"]["from"] == "best@10" and manifest["metrics_after"]["test_forget_countdown"] == 0
     from safetensors.torch import load_file
 
     best = load_file(str(tmp_path / "v" / "best.safetensors"))
-    assert json.loads((tmp_path / "v" / "best.json").read_text())["step"] == 8
+    assert json.loads((tmp_path / "v" / "best.json").read_text())["step"] == 10
     assert all(torch.equal(best[k], v) for k, v in _final_unet(tmp_path / "v").items())
     assert (tmp_path / "v" / "samples" / "step-000004.png").is_file()
 
@@ -265,8 +265,8 @@ def test_relative_forget_target_by_default():
     verdict = rules.update(20, {"forget_distance": 0.004, "retain_distance": 0.21})
     assert verdict["target_met"] and verdict["stop"] is None and rules.best_step is None  # once: not yet
     verdict = rules.update(30, {"forget_distance": 0.0, "retain_distance": 0.22})
-    # confirmed: the streak's best-quality state (step 20, retain_distance 0.21 < 0.22) is the candidate
-    assert verdict["stop"] == "forget_target" and verdict["is_best"] and rules.best_step == 20
+    # confirmed: the confirming state is the candidate (the most unlearned), even if step 20 read better quality
+    assert verdict["stop"] == "forget_target" and verdict["is_best"] and rules.best_step == 30
     guard = StopRules("forget_distance", None, "retain_distance", 0.1, True, True, 1, 0.1)
     guard.update(0, {"forget_distance": 0.05, "retain_distance": 0.2})
     assert guard.update(10, {"forget_distance": 0.0, "retain_distance": 0.23})["stop"] == "quality_guard"

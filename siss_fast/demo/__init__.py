@@ -38,7 +38,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seed", type=int, default=d.seed)
     # --steps, --num-samples, --sampler-steps: None = the mode's default, filled in by demo_main
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"unlearning budget in optimizer steps (default {d.max_steps}; text-to-image {t.max_steps})")
+                        help=f"unlearning budget in optimizer steps (default {d.max_steps}; text-to-image "
+                        f"{t.max_steps})")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="retain/forget pairs per step (default: the engine's default for a pixel DDPM, 64)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the engine's, 2e-4)")

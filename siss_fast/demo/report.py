@@ -25,7 +25,10 @@ METRIC_DOCS = {
                           "image"),
     "noise_norm_forget": ("lower", "noise-norm memorization signal (Wen et al., ICLR 2024) of the memorized prompt: "
                           "mean of ‖eps(x_t, prompt) - eps(x_t, '')‖ over the sampling trajectory"),
-    "noise_norm_other": ("flat", "the same signal for the other prompts (mean)"),
+    "noise_norm_forget_first": ("lower", "the same norm at the first sampling step only (on the initial noise; Wen et "
+                                "al.'s one-step detector)"),
+    "noise_norm_other": ("flat", "the noise-norm signal of the other prompts (mean over the trajectory)"),
+    "noise_norm_other_first": ("flat", "the noise-norm of the other prompts at the first sampling step"),
     "other_prompt_similarity_to_before": ("higher", "mean Pearson correlation of each other-prompt generation with the "
                                           "same-seed generation before unlearning (1 = unchanged)"),
     "other_prompt_similarity_to_before_min": ("higher", "the lowest of those correlations"),
@@ -104,17 +107,23 @@ def render_report(report: Dict, run_dir: Path) -> str:
     for key in ("backend", "steps", "stop_reason", "wall_s", "unlearn_wall_s", "base_model_sha256", "command"):
         if key in report:
             lines.append(f"- {key}: `{report[key]}`")
-    lines += ["", "| metric | before | after | change | better | definition |", "|---|---|---|---|---|---|"]
     keys = [k for k in METRIC_DOCS if k in before or k in after]
     keys += [k for k in list(before) + list(after) if k not in keys and k not in METRIC_DOCS]
     seen = set()
+    rows: List[str] = []
     for k in keys:
         if k in seen:
             continue
         seen.add(k)
         direction, doc = METRIC_DOCS.get(k, ("", ""))
-        lines.append(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} | {_change(before.get(k), after.get(k))}"
-                     f" | {direction} | {doc} |")
+        if not after:  # a comparison: one column for the base model, the methods' rows below
+            rows.append(f"| {k} | {_fmt(before.get(k))} | {direction} | {doc} |")
+            continue
+        rows.append(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} | {_change(before.get(k), after.get(k))}"
+                    f" | {direction} | {doc} |")
+    head = (["| metric | base model | better | definition |", "|---|---|---|---|"] if not after else
+            ["| metric | before | after | change | better | definition |", "|---|---|---|---|---|---|"])
+    lines += [""] + head + rows
     checks = report.get("pass_criteria")
     if checks:
         lines += ["", "## Pass criteria (issue 6)", ""]
@@ -131,13 +140,16 @@ def render_report(report: Dict, run_dir: Path) -> str:
     compare = report.get("compare")
     if compare:
         lines += ["", "## Comparison of methods (same budget and seed)", "",
-                  "| method | steps | stop | forget_rate | quality | class_entropy | forget_loss | retain_loss | wall_s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | steps | stop | kept step | last check (forget, quality) | forget_rate | quality | "
+                  "class_entropy | forget_loss | retain_loss | wall_s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in compare:
-            a = row.get("after", {})
-            lines.append(f"| {row['name']} | {row.get('steps')} | {row.get('stop_reason')} | "
-                         f"{_fmt(a.get('forget_rate'))} | {_fmt(a.get('quality'))} | {_fmt(a.get('class_entropy'))} | "
-                         f"{_fmt(a.get('forget_loss'))} | {_fmt(a.get('retain_loss'))} | {_fmt(row.get('wall_s'))} |")
+            a, last = row.get("after", {}), row.get("last_check") or {}
+            check = (f"{_fmt(last.get('forget_rate'))}, {_fmt(last.get('classifier_quality'))}" if last else "")
+            lines.append(f"| {row['name']} | {row.get('steps')} | {row.get('stop_reason')} | {row.get('final_step')} | "
+                         f"{check} | {_fmt(a.get('forget_rate'))} | {_fmt(a.get('quality'))} | "
+                         f"{_fmt(a.get('class_entropy'))} | {_fmt(a.get('forget_loss'))} | {_fmt(a.get('retain_loss'))} | "
+                         f"{_fmt(row.get('wall_s'))} |")
         if (run_dir / "pareto.png").exists():
             lines += ["", "![quality vs forget rate](pareto.png)", ""]
     notes = report.get("notes")

@@ -173,7 +173,7 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
                                 max_grad_norm=cfg.max_grad_norm)
     best_state, best_quality, best_step = None, None, None
     last_good, last_good_step = copy.deepcopy(unet.state_dict()), 0  # step 0 is within the guard by definition
-    streak, pending = 0, None
+    streak = 0
     stop_reason, step = "budget", 0
     check0 = _cheap_check(unet, alphas_cumprod, classifier, data, cfg)  # the guard's baseline: same samples
     baseline_quality = check0["quality"]
@@ -206,18 +206,12 @@ def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoCo
             row.update({"val_" + k: v for k, v in check.items()}, target_met=met, guard_tripped=tripped)
             _log(f"step {step}: check forget_rate {check['forget_rate']:.4f} quality {check['quality']:.3f}"
                  f"{' (target met)' if met else ''}{' (guard tripped)' if tripped else ''}", start)
-            # the engine's rules (StopRules): the target counts after target_patience checks in a row; the best
-            # state of that streak is the candidate; until then, the last state within the guard is kept
-            if met and not tripped:
-                streak += 1
-                if pending is None or check["quality"] > pending[1]:
-                    pending = (copy.deepcopy(unet.state_dict()), check["quality"], step)
-            else:
-                streak, pending = 0, None
-            confirmed = streak >= cfg.target_patience
-            if confirmed and (best_quality is None or pending[1] > best_quality):
-                best_state, best_quality, best_step = pending
-            if best_state is None and not tripped:
+            streak = streak + 1 if (met and not tripped) else 0
+            confirmed = streak >= cfg.target_patience  # the engine's rule: met at that many checks in a row
+            if confirmed and (best_quality is None or check["quality"] > best_quality):
+                best_state = copy.deepcopy(unet.state_dict())
+                best_quality, best_step = check["quality"], step
+            elif best_state is None and not tripped:  # the engine's rule: the last state within the guard
                 last_good, last_good_step = copy.deepcopy(unet.state_dict()), step
             if step >= cfg.min_steps:
                 if tripped:

@@ -159,11 +159,9 @@ class _Validator:
             (self.out / "samples").mkdir(exist_ok=True)
             V.save_grid(samples, self.out / "samples" / f"step-{step:06d}.png")
         verdict = self.rules.update(step, scores)
-        if verdict.get("save_pending"):
-            self._save_state(unet, step, "pending")
-        if verdict["is_best"]:  # the streak's best state (saved as pending) becomes the final model's
-            self._promote_pending()
-        if self.rules.best_step is None and not verdict["guard_tripped"]:
+        if verdict["is_best"]:
+            self._save_state(unet, step, "best")
+        elif self.rules.best_step is None and not verdict["guard_tripped"]:
             # until the target is met, keep the last state within the quality guard: if the guard trips first,
             # that state (not the tripped one) is the final model
             self._save_state(unet, step, "last_good")
@@ -179,15 +177,6 @@ class _Validator:
         save_file({k: v.contiguous() for k, v in _unet_state(unet).items()}, str(tmp))
         os.replace(tmp, self.out / f"{name}.safetensors")
         (self.out / f"{name}.json").write_text(json.dumps({"step": step, "scores": self.scores_by_step[step]}))
-
-    def _promote_pending(self) -> None:
-        import os
-        import shutil
-
-        for suffix in (".safetensors", ".json"):
-            tmp = self.out / f".best{suffix}.tmp"
-            shutil.copyfile(self.out / f"pending{suffix}", tmp)
-            os.replace(tmp, self.out / f"best{suffix}")
 
     def state_dict(self) -> Dict[str, Any]:
         return {"rules": self.rules.state_dict(), "last_good_step": self.last_good_step,

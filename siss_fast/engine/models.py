@@ -213,6 +213,8 @@ def build_tiny(name: str, folder: Path, *, channels: int = 3, image_size: int = 
     torch.manual_seed(seed)
     folder = Path(folder)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    if name == "tiny-sd":  # latents are not images in [-1, 1]: never clip them (Stable Diffusion's own setting)
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     if name == "tiny-ddpm":
         from diffusers import UNet2DModel
 
