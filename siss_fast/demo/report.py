@@ -177,6 +177,10 @@ def save_pareto_plot(rows: Sequence[Dict], path, *, baseline: Optional[Dict] = N
            for r in rows]
     if baseline:
         pts.append(("before", baseline.get("forget_rate", float("nan")), baseline.get("quality", float("nan"))))
+    merged: Dict[tuple, List[str]] = {}  # methods that kept the same weights (e.g. the base model) share a point
+    for name, fr, q in pts:
+        merged.setdefault((round(fr, 6), round(q, 6)), []).append(name)
+    pts = [(" = ".join(names), fr, q) for (fr, q), names in merged.items()]
     try:
         import matplotlib
 
@@ -184,9 +188,12 @@ def save_pareto_plot(rows: Sequence[Dict], path, *, baseline: Optional[Dict] = N
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+        x_max = max([100 * fr for _, fr, _ in pts if fr == fr] or [1.0])
         for name, fr, q in pts:
-            ax.scatter([100 * fr], [q], marker="x" if name == "before" else "o", s=50)
-            ax.annotate(name, (100 * fr, q), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.scatter([100 * fr], [q], marker="x" if "before" in name.split(" = ") else "o", s=50)
+            right = 100 * fr > 0.6 * x_max  # labels of points on the right run leftwards, inside the axes
+            ax.annotate(name, (100 * fr, q), textcoords="offset points", xytext=(-5, 4) if right else (5, 4),
+                        ha="right" if right else "left", fontsize=8)
         ax.set_xlabel("forget rate (% of samples that are the planted image)")
         ax.set_ylabel("quality (classifier Inception-style score)")
         ax.set_title("Unlearning methods: quality vs forget rate (same budget, seed)")

@@ -476,9 +476,10 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
                         "siss(0)+clip: lambda = 0 (samples drawn around the retain images only) with importance "
                         "weights clipped at 10",
                         f"neggrad: scaling_norm = the c SISS's auto rule measured ({siss_c})",
-                        "kept step: the weights each method ends with (best confirmed state that met the target; if "
+                        "kept step: the weights each method ends with (the confirmed state that met the target; if "
                         "the quality guard tripped first, the last state within it -- 0 is the base model); last "
-                        "check: the engine's validation (256 samples) at the step the run stopped"]}
+                        "check: the engine's validation (512 samples) at the step the run stopped; a collapsed "
+                        "model's grey blobs can fall within L2 4.5 of the T-shirt, hence high forget readings there"]}
     if argv is not None:
         report["command"] = "siss-fast demo " + " ".join(argv)
     (run_dir / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
