@@ -139,8 +139,8 @@ def main():
     after.update(retain_loss=denoising_loss(model, probe_retain, abar),
                  forget_loss=denoising_loss(model, probe_forget, abar))
     print()
-    print(f"| metric                 | before | after  |")
-    print(f"|------------------------|--------|--------|")
+    print("| metric                 | before | after  |")
+    print("|------------------------|--------|--------|")
     for key in before:
         print(f"| {key:22s} | {before[key]:.4f} | {after[key]:.4f} |")
 
