@@ -18,7 +18,7 @@ import torch
 
 from .data import DemoData, to_unit
 
-__all__ = ["write_image_folders", "engine_config", "unlearn_engine"]
+__all__ = ["write_image_folders", "given", "engine_config", "unlearn_engine"]
 
 
 def write_image_folders(data: DemoData, root: Path) -> Dict[str, Path]:
@@ -35,13 +35,14 @@ def write_image_folders(data: DemoData, root: Path) -> Dict[str, Path]:
     return folders
 
 
+def given(**kw: Any) -> Dict[str, Any]:
+    """The keyword arguments that are not ``None`` (engine config sections: ``None`` = the engine's default)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path]) -> Dict[str, Any]:
     """The engine config of a demo run (a plain dict, validated by the engine). Settings the demo leaves at
     ``None`` are not written, so the engine's defaults apply."""
-
-    def given(**kw: Any) -> Dict[str, Any]:
-        return {k: v for k, v in kw.items() if v is not None}
-
     return {
         "model": {"path": str(model_dir)},
         "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},

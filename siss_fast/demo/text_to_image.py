@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from .run import _log  # noqa: E402
 from .t2i_base import (DIGIT_PROMPTS, FORGET_PROMPT, REPRODUCTION_THRESHOLD, MemorizeSettings,  # noqa: E402
                        check_prompts)
 
@@ -79,10 +80,6 @@ class T2IConfig:
     forget_target_ratio: Optional[float] = 0.0  # engine default 0.1; 0: stop when no validation generation
     # pass criteria
     closeness_min: float = 0.8           # other prompts: mean similarity of after to before (same seed)
-
-
-def _log(msg: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------- base model
@@ -183,9 +180,7 @@ def _digit_index(data: Any, per_class: Optional[int], seed: int) -> List[int]:
 
 def engine_config(cfg: T2IConfig, base: Path, run_dir: Path, folders: Dict[str, Path]) -> Dict[str, Any]:
     """The engine config of the unlearning step (a plain dict; ``None`` settings are left to the engine)."""
-
-    def given(**kw: Any) -> Dict[str, Any]:
-        return {k: v for k, v in kw.items() if v is not None}
+    from .engine_backend import given
 
     return {
         "model": {"path": str(base)},

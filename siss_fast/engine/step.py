@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -103,9 +103,9 @@ class UnlearnStep:
         counts = {"retain": 0, "forget": 0, "mixed": 0}
         for stream in self.streams:
             x0, a0, cond_x, cond_a = self.run_data.draw(stream, batch, self.device)
-            fn: Callable = self.unet_call
             wrapper = PartitionedForward(self.unet_call, objective, x0, a0) if self.partitioned else None
-            terms = objective(wrapper or fn, x0, a0, cond_x=cond_x, cond_a=cond_a, generator=stream.noise_gen)
+            model = wrapper if wrapper is not None else self.unet_call
+            terms = objective(model, x0, a0, cond_x=cond_x, cond_a=cond_a, generator=stream.noise_gen)
             retain, forget = _scaled(terms.retain, acc), _scaled(terms.forget, acc)
             if wrapper is not None:
                 retain, forget = wrapper.terms(retain, forget)
