@@ -254,7 +254,7 @@ def test_forget_distance_auto_radius():
 def test_relative_forget_target_by_default():
     """forget_target null (the default): met when the forget metric falls to forget_target_ratio x its baseline."""
     from siss_fast.engine.config import EngineConfig
-    from siss_fast.engine.validation import StopRules
+    from siss_fast.engine.stop_rules import StopRules
 
     v = EngineConfig().validation
     assert v.forget_target is None and v.forget_target_ratio == 0.1 and v.num_samples >= 256

@@ -47,6 +47,7 @@ from . import setup as S
 from . import validation as V
 from .config import EngineConfig, to_dict
 from .step import UnlearnStep
+from .stop_rules import StopRules
 
 __all__ = ["RunResult", "run"]
 
@@ -132,9 +133,9 @@ class _Validator:
     def __init__(self, cfg: EngineConfig, model: M.LoadedModel, run: S.RunData, device: torch.device, out: Path):
         v = cfg.validation
         self.cfg, self.model, self.device, self.out = cfg, model, device, out
-        ctx = V.MetricContext(run.retain_pixels, run.forget_pixels, {}, model.kind, device)
+        ctx = V.MetricContext(run.retain_pixels, run.forget_pixels, {}, model.kind, device, model, model.unet)
         self.metrics = V.build_metrics(v.metrics, ctx, v.metric_options)
-        self.rules = V.StopRules(v.forget_metric, v.forget_target, v.quality_metric, v.quality_tolerance,
+        self.rules = StopRules(v.forget_metric, v.forget_target, v.quality_metric, v.quality_tolerance,
                                  v.stop_on_target, v.stop_on_guard, v.min_steps, v.forget_target_ratio,
                                  v.target_patience)
         self.cond = self.uncond = None

@@ -24,7 +24,7 @@ some forget item (the memorisation signal; lower is better); ``threshold: auto``
 item's distance to its nearest retain image (:func:`forget_thresholds`); ``retain_distance`` -- the mean RMS
 distance of each sample to its nearest retain image (a quality guard without a classifier; lower is better).
 
-Stop rules (:class:`StopRules`): the forget target is met when ``forget_metric`` reaches ``forget_target`` -- by
+Stop rules (:class:`siss_fast.engine.stop_rules.StopRules`): the forget target is met when ``forget_metric`` reaches ``forget_target`` -- by
 default (``forget_target: null``) a relative target, ``forget_target_ratio`` (0.1) times the metric's value before
 training, so "90 % of the memorised generations are gone" needs no knowledge of the metric's scale; the
 quality guard trips when ``quality_metric`` worsens by more than ``quality_tolerance`` relative to its value before
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MetricContext", "register_metric", "forget_thresholds", "get_metric", "list_metrics", "check_metric_name",
-           "build_metrics", "sample_images", "save_grid", "StopRules"]
+           "build_metrics", "sample_images", "save_grid"]
 
 MetricFn = Callable[[Tensor], float]
 MetricFactory = Callable[["MetricContext"], MetricFn]
@@ -57,6 +57,8 @@ class MetricContext:
     options: Dict[str, Any] = field(default_factory=dict)
     kind: str = "ddpm"
     device: torch.device = torch.device("cpu")
+    model: Any = None  # the run's LoadedModel (scheduler, VAE, text encoder) when built by the engine, else None
+    unet: Any = None  # the UNet as the factory is called: the base model (copy it to keep frozen features)
 
 
 @dataclass
@@ -120,7 +122,7 @@ def build_metrics(names: List[str], ctx_base: MetricContext, options: Dict[str, 
     out = {}
     for name in names:
         ctx = MetricContext(ctx_base.retain_images, ctx_base.forget_images, dict(options.get(name, {})),
-                            ctx_base.kind, ctx_base.device)
+                            ctx_base.kind, ctx_base.device, ctx_base.model, ctx_base.unet)
         out[name] = get_metric(name).factory(ctx)
     return out
 
@@ -233,100 +235,3 @@ def save_grid(images: Tensor, path: Any) -> None:
         grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = images[i]
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB").save(path)
-
-
-# ---------------------------------------------------------------------------------------------------- stop rules
-
-
-@dataclass
-class StopRules:
-    """Bookkeeping of the stop rules across validations (saved in checkpoints via :meth:`state_dict`)."""
-
-    forget_metric: Optional[str]
-    forget_target: Optional[float]  # absolute; None: forget_target_ratio x the baseline (lower-is-better metrics)
-    quality_metric: Optional[str]
-    quality_tolerance: float
-    stop_on_target: bool
-    stop_on_guard: bool
-    min_steps: int
-    forget_target_ratio: float = 0.1
-    target_patience: int = 2  # consecutive validations meeting the target (within the guard) before it counts
-    baseline: Dict[str, float] = field(default_factory=dict)
-    best_step: Optional[int] = None
-    best_quality: Optional[float] = None
-    target_met_at: Optional[int] = None
-    streak: int = 0
-
-    def _better(self, name: str, a: float, b: float) -> bool:
-        return a > b if get_metric(name).higher_is_better else a < b
-
-    def target(self, baseline: Optional[Dict[str, float]] = None) -> Optional[float]:
-        """The forget metric's target value: ``forget_target``, else ``forget_target_ratio`` x its baseline."""
-        if self.forget_metric is None:
-            return None
-        if self.forget_target is not None:
-            return self.forget_target
-        base = (baseline if baseline is not None else self.baseline).get(self.forget_metric)
-        return None if base is None else self.forget_target_ratio * base
-
-    def target_met(self, scores: Dict[str, float], baseline: Optional[Dict[str, float]] = None) -> bool:
-        target = self.target(baseline)
-        if target is None:
-            return False
-        value = scores[self.forget_metric]
-        if get_metric(self.forget_metric).higher_is_better:
-            return value >= target
-        return value <= target
-
-    def guard_tripped(self, scores: Dict[str, float]) -> bool:
-        name = self.quality_metric
-        if name is None or name not in self.baseline:
-            return False
-        base, value = self.baseline[name], scores[name]
-        allowed = abs(base) * self.quality_tolerance
-        worse = base - value if get_metric(name).higher_is_better else value - base
-        return worse > allowed
-
-    def update(self, step: int, scores: Dict[str, float]) -> Dict[str, Any]:
-        """Judge one validation. Returns ``{"target_met", "guard_tripped", "is_best", "stop", "target"}`` (stop:
-        reason or None). Step 0 is the baseline: it sets the reference of the guard and is never a candidate.
-
-        A state is a candidate for the final model (and the target stops the run) once ``target_patience``
-        validations in a row met the target within the guard: a count metric reads a low value by chance now and
-        then (at most 1 of 256 at a true rate of 1 %: 27 %; 0 of 512: 0.6 %), twice in a row far less often. The
-        candidate is the confirming (latest) state: it has had the most unlearning. (Keeping the best-quality state
-        of the streak instead was measured on the demo with the built-in metrics: it kept a state whose forget
-        rate was 1.0 % against 0.2 % for the confirming one.)"""
-        if step == 0:
-            self.baseline = dict(scores)
-            return {"target_met": self.target_met(scores), "guard_tripped": False, "is_best": False, "stop": None,
-                    "target": self.target()}
-        met, tripped = self.target_met(scores), self.guard_tripped(scores)
-        self.streak = self.streak + 1 if (met and not tripped) else 0
-        confirmed = self.streak >= self.target_patience
-        is_best = False
-        if confirmed:
-            quality = scores.get(self.quality_metric) if self.quality_metric else None
-            if self.best_step is None or (quality is not None and self.best_quality is not None
-                                          and self._better(self.quality_metric, quality, self.best_quality)):
-                self.best_step, self.best_quality, is_best = step, quality, True
-            if self.target_met_at is None:
-                self.target_met_at = step
-        stop = None
-        if step >= self.min_steps:
-            if tripped and self.stop_on_guard:
-                stop = "quality_guard"
-            elif confirmed and self.stop_on_target:
-                stop = "forget_target"
-        return {"target_met": met, "guard_tripped": tripped, "is_best": is_best, "stop": stop,
-                "target": self.target(), "streak": self.streak}
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"baseline": dict(self.baseline), "best_step": self.best_step, "best_quality": self.best_quality,
-                "target_met_at": self.target_met_at, "streak": self.streak}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.baseline = dict(state["baseline"])
-        self.best_step, self.best_quality = state["best_step"], state["best_quality"]
-        self.target_met_at = state["target_met_at"]
-        self.streak = int(state.get("streak", 0))
