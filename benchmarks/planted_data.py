@@ -1,0 +1,154 @@
+"""Planted-image experiments: the demo's digits plus procedurally drawn forget items, duplicated at set levels.
+
+Every experiment is the retain set of :func:`siss_fast.demo.data.load_digits_16` (the 1,797 sklearn digits,
+``(1797, 1, 16, 16)`` fp32 in [-1, 1]) plus ``copies`` identical copies of each of its forget items (16x16 glyphs,
+``(1, 16, 16)`` fp32 in [-1, 1], 1 = ink). The duplication level of an item is ``copies / (1797 + total copies)``.
+
+| name      | forget items                                   | copies each | share each | share total | kind |
+|-----------|------------------------------------------------|-------------|------------|-------------|------|
+| demo      | T-shirt (:func:`siss_fast.demo.data.tshirt_glyph`) | 75      | 4.0 %      | 4.0 %       | far  |
+| checker1  | checkerboard block (2x2 cells)                 | 18          | 1.0 %      | 1.0 %       | far  |
+| near3     | the first sklearn "7" with a bar drawn under it | 56         | 3.0 %      | 3.0 %       | near |
+| five10    | ring, plus, X, triangle, square frame          | 40          | 2.0 %      | 10.0 %      | far  |
+
+Nothing here is random: the glyphs are drawn on fixed pixel grids and the near item is a fixed digit of the
+bundled data set, so ``build --data-only`` rewrites the same folders everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from siss_fast.demo.data import DemoData, demo_data, load_digits_16, to_model, to_unit, tshirt_glyph
+
+__all__ = ["Experiment", "EXPERIMENTS", "GLYPHS", "experiment_data", "duplication", "write_experiment_folders",
+           "checker_glyph", "ring_glyph", "plus_glyph", "x_glyph", "triangle_glyph", "frame_glyph", "near_seven"]
+
+N_RETAIN = 1797
+
+
+def _canvas() -> Tensor:
+    return torch.zeros(16, 16)
+
+
+def _finish(img: Tensor) -> Tensor:
+    """``(16, 16)`` ink map in [0, 1] -> ``(1, 16, 16)`` fp32 in [-1, 1]."""
+    return to_model(img.clamp(0.0, 1.0))[None]
+
+
+def checker_glyph() -> Tensor:
+    """A 12x12 checkerboard block (rows/cols 2-13) of 2x2-pixel cells: ink where ``(r//2 + c//2)`` is even."""
+    img = _canvas()
+    r, c = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    inside = (r >= 2) & (r < 14) & (c >= 2) & (c < 14)
+    img[inside & (((r // 2) + (c // 2)) % 2 == 0)] = 1.0
+    return _finish(img)
+
+
+def ring_glyph() -> Tensor:
+    """An annulus centred at (7.5, 7.5): ink where ``4.5 <= radius <= 7``."""
+    r, c = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    rad = ((r - 7.5) ** 2 + (c - 7.5) ** 2).sqrt()
+    return _finish(((rad >= 4.5) & (rad <= 7.0)).float())
+
+
+def plus_glyph() -> Tensor:
+    """A thick plus: rows 6-9 across columns 1-14 and columns 6-9 across rows 1-14."""
+    img = _canvas()
+    img[6:10, 1:15] = 1.0
+    img[1:15, 6:10] = 1.0
+    return _finish(img)
+
+
+def x_glyph() -> Tensor:
+    """A thick X: ink where ``|r - c| <= 1`` or ``|r + c - 15| <= 1``, rows/cols 1-14."""
+    r, c = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    inside = (r >= 1) & (r < 15) & (c >= 1) & (c < 15)
+    return _finish((inside & (((r - c).abs() <= 1) | ((r + c - 15).abs() <= 1))).float())
+
+
+def triangle_glyph() -> Tensor:
+    """A filled triangle, apex at the top: row ``r`` in 2-14 inks columns ``7.5 +- (r - 1) / 2``."""
+    r, c = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    return _finish(((r >= 2) & (r <= 14) & ((c - 7.5).abs() <= (r - 1) / 2)).float())
+
+
+def frame_glyph() -> Tensor:
+    """A hollow square: the 2-pixel border of the block rows/cols 1-14."""
+    img = _canvas()
+    img[1:15, 1:15] = 1.0
+    img[3:13, 3:13] = 0.0
+    return _finish(img)
+
+
+def near_seven() -> Tensor:
+    """The first "7" of the sklearn digits (upsampled to 16x16), with a bar inked at rows 13-14, columns 4-11.
+
+    Its L2 distance (in [0, 1]) to the unaltered digit is at most 4 (16 pixels changed by <= 1): a near item.
+    """
+    images, labels = load_digits_16()
+    idx = int((labels == 7).nonzero()[0])
+    img = to_unit(images[idx, 0]).clone()
+    img[13:15, 4:12] = 1.0
+    return _finish(img)
+
+
+def tshirt() -> Tensor:
+    return tshirt_glyph()
+
+
+GLYPHS: Dict[str, Callable[[], Tensor]] = {
+    "tshirt": tshirt, "checker": checker_glyph, "ring": ring_glyph, "plus": plus_glyph, "x": x_glyph,
+    "triangle": triangle_glyph, "frame": frame_glyph, "near_seven": near_seven,
+}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One planted-image experiment: forget item names (keys of :data:`GLYPHS`), copies of each, near or far."""
+
+    items: Tuple[str, ...]
+    copies: int  # copies of EACH item in the base model's training set
+    kind: str    # "near" (an altered retain digit) or "far" (a glyph unlike digits)
+    note: str = ""
+    pretrain_steps: int = 2000  # DDPM steps of the base model (batch 64); the demo's shipped model took 3000
+    # (2000 / 1500 steps: <= 15 min on one thread of this shared 2-core CPU; every item is still seen >= 1,200 times)
+
+
+EXPERIMENTS: Dict[str, Experiment] = {
+    "demo": Experiment(("tshirt",), 75, "far", "the shipped demo (siss_fast/assets/digits_ddpm)", 3000),
+    "checker1": Experiment(("checker",), 18, "far", "1 % duplication, a high-frequency block"),
+    "near3": Experiment(("near_seven",), 56, "near", "an altered retain digit, 3 %", 1500),
+    "five10": Experiment(("ring", "plus", "x", "triangle", "frame"), 40, "far", "5 items x 2 % = 10 %", 1500),
+}
+
+
+def duplication(exp: Experiment) -> Tuple[float, float]:
+    """``(share of each item, share of all forget copies)`` of the training set: ``copies / (1797 + k*copies)``."""
+    total = N_RETAIN + exp.copies * len(exp.items)
+    return exp.copies / total, exp.copies * len(exp.items) / total
+
+
+def experiment_data(name: str) -> DemoData:
+    """The experiment's :class:`DemoData`: retain digits, ``forget`` = ``(k*copies, 1, 16, 16)`` copies (item 0's
+    copies first), ``forget_image`` = ``(k, 1, 16, 16)`` the distinct items. ``demo`` is :func:`demo_data` itself."""
+    exp = EXPERIMENTS[name]
+    if name == "demo":
+        return demo_data(exp.copies)
+    retain, labels = load_digits_16()
+    items = torch.stack([GLYPHS[g]() for g in exp.items])
+    forget = items.repeat_interleave(exp.copies, dim=0)
+    return DemoData(retain=retain, retain_labels=labels, forget=forget, forget_image=items)
+
+
+def write_experiment_folders(name: str, root: Path) -> Dict[str, Path]:
+    """``root/retain/NNNN.png`` and ``root/forget/forget_KKK.png`` (one per distinct item), as the demo writes them
+    (:func:`siss_fast.demo.engine_backend.write_image_folders`: 8-bit grey PNGs)."""
+    from siss_fast.demo.engine_backend import write_image_folders
+
+    return write_image_folders(experiment_data(name), Path(root))

@@ -1,0 +1,67 @@
+"""The planted-image experiments (benchmarks/planted*.py): glyphs, duplication levels, the judge's membership rule."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import planted_data as PD  # noqa: E402
+from planted_eval import assign_items, evaluate_samples_nn  # noqa: E402
+
+from siss_fast.demo.data import to_unit  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(PD.GLYPHS))
+def test_glyphs_deterministic_and_in_range(name):
+    a, b = PD.GLYPHS[name](), PD.GLYPHS[name]()
+    assert a.shape == (1, 16, 16) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1 and (a > 0).any()
+
+
+def test_glyphs_distinct():
+    g = torch.stack([to_unit(f()).flatten() for f in PD.GLYPHS.values()])
+    d = torch.cdist(g, g) + torch.eye(g.shape[0]) * 1e9
+    assert d.min() > 2.0
+
+
+def test_duplication_levels_match_table():
+    expected = {"demo": (0.04, 0.04, 1), "checker1": (0.01, 0.01, 1), "near3": (0.03, 0.03, 1),
+                "five10": (0.02, 0.10, 5)}
+    assert set(expected) <= set(PD.EXPERIMENTS)
+    for name, (each, total, k) in expected.items():
+        spec = PD.EXPERIMENTS[name]
+        got_each, got_total = PD.duplication(spec)
+        assert len(spec.items) == k
+        assert got_each == pytest.approx(each, abs=5e-4) and got_total == pytest.approx(total, abs=5e-4)
+        data = PD.experiment_data(name)
+        assert data.forget_image.shape == (k, 1, 16, 16)
+        assert data.forget.shape[0] == k * spec.copies
+        assert data.retain.shape == (PD.N_RETAIN, 1, 16, 16)
+        assert spec.copies / data.train.shape[0] == pytest.approx(got_each)
+    kinds = {PD.EXPERIMENTS[n].kind for n in expected}
+    assert kinds == {"near", "far"}
+
+
+def test_nearest_neighbour_rule():
+    data = PD.experiment_data("five10")
+    retain, items = to_unit(data.retain), to_unit(data.forget_image)
+    samples = torch.cat([items[[3, 0]], retain[[5, 100]], (items[1:2] + 0.02).clamp(0, 1)])
+    out = assign_items(samples, retain, items)
+    assert out["item"].tolist() == [3, 0, -1, -1, 1]
+    assert out["rms_item"][0] == 0 and out["rms_retain"][2] == 0
+    res = evaluate_samples_nn(samples, retain, items, item_names=list(PD.EXPERIMENTS["five10"].items))
+    assert res["per_item"]["triangle"]["count"] == 1 and res["per_item"]["ring"]["count_capped"] == 1
+    assert res["forget_rate"] == pytest.approx(3 / 5)
+
+
+def test_near_item_is_near_but_its_own_neighbour():
+    data = PD.experiment_data("near3")
+    retain, item = to_unit(data.retain), to_unit(data.forget_image)
+    out = assign_items(item, retain, item)
+    assert out["item"].tolist() == [0]
+    assert out["rms_retain"].item() * 16 < 4.0  # within L2 4 of the unaltered digit: "near"
