@@ -3,6 +3,7 @@
     python benchmarks/planted.py build EXP --out DIR [--data-only] [--steps N]   # data folders + base model
     python benchmarks/planted.py evaluate MODEL_DIR --exp EXP [--samples 2000] [--seed 1000003] [--json FILE]
     python benchmarks/planted.py run EXP --out DIR [--budget 200] [key=value ...]  # engine defaults + evaluate
+    python benchmarks/planted.py report DIR [--dest benchmarks/results/planted-defaults-before.json]
     python benchmarks/planted.py table                                           # the experiments (JSON)
 
 ``EXP`` is a key of :data:`planted_data.EXPERIMENTS` (``demo``, ``checker1``, ``near3``, ``five10``).
@@ -16,8 +17,10 @@ asset), so ``build --data-only`` + ``run`` need no pretraining. Every torch call
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ import torch  # noqa: E402
 
 from planted_data import EXPERIMENTS, duplication, experiment_data, write_experiment_folders  # noqa: E402
 
-__all__ = ["COMMITTED", "model_dir", "build", "pretrain_base", "run_experiment", "main"]
+__all__ = ["COMMITTED", "model_dir", "build", "pretrain_base", "run_experiment", "report", "main"]
 
 COMMITTED = Path(__file__).resolve().parent / "planted_models"
 PRETRAIN_SEED = 0
@@ -87,7 +90,7 @@ def build(exp: str, out: Path, data_only: bool = False, steps: Optional[int] = N
     return info
 
 
-def _validation_time(run_dir: Path) -> Dict[str, float]:
+def _steps_time(run_dir: Path) -> Dict[str, float]:
     """Sum of ``step_time_s`` over the step records of ``metrics.jsonl`` (the optimizer steps' own time)."""
     steps_s, n = 0.0, 0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -97,14 +100,43 @@ def _validation_time(run_dir: Path) -> Dict[str, float]:
     return {"steps_s": steps_s, "steps": n}
 
 
+@contextlib.contextmanager
+def _timed_validator(clock: Dict[str, float]):
+    """Accumulate the wall time of every validation call (``clock["validation_s"]``, ``clock["validations"]``) by
+    wrapping ``__call__`` of the validator class that :mod:`siss_fast.engine.loop` uses (found by name: the class
+    whose name ends in ``Validator``); without one, nothing is wrapped and ``validation_s`` stays absent."""
+    from siss_fast.engine import loop
+
+    cls = next((v for k, v in vars(loop).items() if isinstance(v, type) and k.endswith("Validator")), None)
+    if cls is None:
+        yield clock
+        return
+    original = cls.__call__
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            clock["validation_s"] = clock.get("validation_s", 0.0) + time.perf_counter() - t0
+            clock["validations"] = clock.get("validations", 0) + 1
+
+    cls.__call__ = timed
+    try:
+        yield clock
+    finally:
+        cls.__call__ = original
+
+
 def run_experiment(exp: str, out: Path, budget: int = 200, overrides: Sequence[str] = (), samples: int = 2000,
                    seed: int = 1000003) -> Dict:
     """Run the engine with its defaults (only model, data, budget, ``train.cpu_threads: 1``, CPU, no progress
     bar, plus ``overrides``), time it, evaluate base and final models, write ``out/EXP/result.json``.
 
     Timing: ``wall_s`` is the wall time of ``run(cfg)``; ``steps_s`` the sum of the steps' ``step_time_s`` from
-    ``metrics.jsonl``; validation + overhead = ``wall_s - steps_s`` (model loading, data, saving: < 2 s here), and
-    its share is ``validation_share = 1 - steps_s / wall_s``.
+    ``metrics.jsonl``; ``validation_s`` the summed wall time of the validator's calls (timed directly by wrapping
+    them, :func:`_timed_validator`); ``validation_share = validation_s / wall_s`` (``(wall_s - steps_s) / wall_s``,
+    validation + overhead, if the validator could not be wrapped). The rest is loading, data and saving.
     """
     import siss_fast.metrics  # noqa: F401  (registers the package's metrics with the engine)
     from siss_fast.engine import load_config
@@ -115,14 +147,16 @@ def run_experiment(exp: str, out: Path, budget: int = 200, overrides: Sequence[s
     folders = write_experiment_folders(exp, root)
     base = model_dir(exp, out)
     run_dir = root / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the engine refuses to start over a finished run
     cfg = load_config({"model": {"path": str(base)},
                        "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},
                        "train": {"steps": budget, "cpu_threads": 1, "device": "cpu"},
                        "log": {"progress": False}, "output_dir": str(run_dir)}, list(overrides))
-    t0 = time.perf_counter()
-    result = run(cfg)
-    wall = time.perf_counter() - t0
-    timing = _validation_time(run_dir)
+    with _timed_validator({}) as clock:
+        t0 = time.perf_counter()
+        result = run(cfg)
+        wall = time.perf_counter() - t0
+    timing = _steps_time(run_dir)
     before_path = root / "base_eval.json"
     if before_path.is_file() and json.loads(before_path.read_text()).get("samples") == samples:
         before = json.loads(before_path.read_text())
@@ -142,12 +176,43 @@ def run_experiment(exp: str, out: Path, budget: int = 200, overrides: Sequence[s
         "quality_ratio": after["quality"]["quality"] / before["quality"]["quality"],
         "wall_s": round(wall, 1), "steps_s": round(timing["steps_s"], 1),
         "validation_and_overhead_s": round(wall - timing["steps_s"], 1),
-        "validation_share": round(1 - timing["steps_s"] / wall, 3),
+        "validation_s": round(clock["validation_s"], 1) if "validation_s" in clock else None,
+        "validations": clock.get("validations"),
+        "validation_share": round(clock.get("validation_s", wall - timing["steps_s"]) / wall, 3),
         "config": json.loads((run_dir / "config.json").read_text()),
         "evaluation": {"before": before, "after": after},
     }
     (root / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def report(out: Path, dest: Path) -> Dict:
+    """Collect ``out/*/result.json`` into ``dest`` (JSON, without configs and histograms) and ``dest`` with
+    ``.md`` (one row per experiment)."""
+    rows = {}
+    for path in sorted(Path(out).glob("*/result.json")):
+        rec = json.loads(path.read_text())
+        rec["per_item"] = {name: {"before": rec["evaluation"]["before"]["per_item"][name]["rate"],
+                                  "after": rec["evaluation"]["after"]["per_item"][name]["rate"]}
+                           for name in rec["evaluation"]["before"]["per_item"]}
+        rows[rec["experiment"]] = {k: v for k, v in rec.items() if k not in ("config", "evaluation")}
+    lines = ["| experiment | items (share each) | stop rule (step) | kept step | forget rate before -> after "
+             "(capped) | per item after | quality before -> after (ratio) | wall s | validation share |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        spec = EXPERIMENTS[name]
+        items = ", ".join(f"{k} {v['after']:.4f}" for k, v in r["per_item"].items())
+        lines.append(
+            f"| {name} | {' + '.join(spec.items)} ({100 * duplication(spec)[0]:.1f} %, {spec.kind}) | "
+            f"{r['stop_reason']} ({r['stop_step']}) | {r['kept_step']} | {r['forget_rate_before']:.4f} -> "
+            f"{r['forget_rate_after']:.4f} ({r['forget_rate_capped_before']:.4f} -> "
+            f"{r['forget_rate_capped_after']:.4f}) | {items} | {r['quality_before']:.3f} -> "
+            f"{r['quality_after']:.3f} ({r['quality_ratio']:.3f}) | {r['wall_s']} | {r['validation_share']:.2f} |")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(rows, indent=2) + "\n")
+    dest.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -174,8 +239,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--samples", type=int, default=2000)
     r.add_argument("--seed", type=int, default=1000003)
     r.add_argument("overrides", nargs="*", help="engine key=value overrides")
+    t = sub.add_parser("report", help="collect DIR/*/result.json into a JSON + markdown table")
+    t.add_argument("out", type=Path)
+    t.add_argument("--dest", type=Path, default=Path("benchmarks/results/planted-defaults-before.json"))
     sub.add_parser("table", help="print the experiments table")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra and (args.cmd != "run" or any("=" not in x for x in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.cmd == "run":
+        args.overrides = list(args.overrides) + extra
     if args.cmd == "build":
         out = build(args.exp, args.out, args.data_only, args.steps)
     elif args.cmd == "evaluate":
@@ -185,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.cmd == "run":
         out = run_experiment(args.exp, args.out, args.budget, args.overrides, args.samples, args.seed)
         out = {k: v for k, v in out.items() if k not in ("config", "evaluation")}
+    elif args.cmd == "report":
+        out = report(args.out, args.dest)
     else:
         out = {name: {"items": list(s.items), "copies_each": s.copies, "kind": s.kind,
                       "share_each": round(duplication(s)[0], 4), "share_total": round(duplication(s)[1], 4),
