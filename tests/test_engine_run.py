@@ -102,9 +102,9 @@ def test_interrupted_save_leaves_no_checkpoint_and_corruption_is_caught(tmp_path
         run(cfg, _fail_checkpoint_after="trainer.pt")  # crash in the middle of the first save
     root = tmp_path / "c" / "checkpoints"
     assert list_checkpoints(root) == [] and any(p.name.startswith(".tmp-") for p in root.iterdir())
-    resumed = run(load_config(_config("ddpm", tmp_path / "c", train={"steps": 4},
-                                      checkpoint={"every": 2, "keep_last": 1, "resume": "latest"})))
-    assert resumed.steps_done == 4
+    resumed = run(load_config(_config("ddpm", tmp_path / "c", train={"steps": 6},
+                                      checkpoint={"every": 2, "keep_last": 1, "resume": "latest"})), stop_after=4)
+    assert (resumed.stop_reason, resumed.steps_done) == ("interrupted", 4)
     (ckpt,) = list_checkpoints(root)  # keep_last=1, the stale .tmp folder is gone
     assert ckpt.name == "step-000004" and not any(p.name.startswith(".tmp-") for p in root.iterdir())
     assert load_checkpoint(ckpt)["step"] == 4

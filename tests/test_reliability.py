@@ -239,7 +239,7 @@ class _CodeOnLoad:
 
 def test_foreign_pickles_in_a_checkpoint_are_never_executed(tmp_path):
     out = tmp_path / "c"
-    run(load_config(_config(out, train={"steps": 1}, checkpoint={"every": 1})))
+    run(load_config(_config(out, train={"steps": 2}, checkpoint={"every": 1})), stop_after=1)  # not finished
     ckpt = out / "checkpoints" / "step-000001"
     marker = tmp_path / "executed"
 
@@ -251,7 +251,8 @@ def test_foreign_pickles_in_a_checkpoint_are_never_executed(tmp_path):
 
     torch.save({"payload": _CodeOnLoad(marker)}, ckpt / "extra.pt")  # not the engine's: never loaded
     rehash()
-    resumed = run(load_config(_config(out, train={"steps": 2}, checkpoint={"every": 0, "resume": "latest"})))
+    resumed = run(load_config(_config(out, train={"steps": 2}, checkpoint={"every": 0, "resume": "latest"})),
+                  stop_after=2)
     assert resumed.steps_done == 2 and not marker.exists()
 
     trainer = torch.load(ckpt / "trainer.pt", weights_only=True)

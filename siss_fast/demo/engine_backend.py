@@ -40,6 +40,15 @@ def given(**kw: Any) -> Dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def fresh_run_dir(run_dir: Path) -> None:
+    """A demo run owns its folder: the record of a previous demo run there is replaced (the engine refuses to reopen a
+    finished run, so its manifest goes first)."""
+    from siss_fast.engine.run_record import read_finished
+
+    if read_finished(Path(run_dir)) is not None:
+        (Path(run_dir) / "manifest.json").unlink()
+
+
 def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path]) -> Dict[str, Any]:
     """The engine config of a demo run (a plain dict, validated by the engine). Settings the demo leaves at
     ``None`` are not written, so the engine's defaults apply."""
@@ -76,6 +85,7 @@ def unlearn_engine(unet, model_dir: Path, classifier, data: DemoData, cfg, *, ru
     from siss_fast.engine import unlearn
 
     folders = write_image_folders(data, Path(run_dir) / "data")
+    fresh_run_dir(run_dir)
     result = unlearn(engine_config(cfg, Path(model_dir), Path(run_dir), folders))
     final = UNet2DModel.from_pretrained(str(Path(result.final_dir) / "unet"), use_safetensors=True,
                                         local_files_only=True)

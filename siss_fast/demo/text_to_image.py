@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from .engine_backend import fresh_run_dir  # noqa: E402
 from .run import _log  # noqa: E402
 from .t2i_base import (DIGIT_PROMPTS, FORGET_PROMPT, REPRODUCTION_THRESHOLD, MemorizeSettings,  # noqa: E402
                        check_prompts)
@@ -329,10 +330,10 @@ def run_text_to_image(cfg: T2IConfig, argv: Optional[Sequence[str]] = None) -> D
     retain_info = {"digits": len(digit_index), "digits_per_class": cfg.retain_per_class,
                    "generations": gen_info, "digit_max_similarity": round(digit_max, 4)}
     t0 = time.perf_counter()
+    fresh_run_dir(run_dir)
     result = unlearn(engine_config(cfg, base, run_dir, folders))
     unlearn_wall = time.perf_counter() - t0
-    kept = getattr(result, "kept_step", None) or (result.best_step if result.best_step is not None
-                                                   else result.steps_done)
+    kept = result.kept_step if result.kept_step is not None else result.steps_done  # 0: the base model was kept
     info = {"steps": result.steps_done, "final_step": kept, "stop_reason": result.stop_reason,
             "final_dir": str(result.final_dir), "retain_set": retain_info}
     _log(f"unlearned (engine): {info['steps']} steps, stop rule {info['stop_reason']!r}, kept step {kept}, "

@@ -8,9 +8,12 @@ Modules, each readable in one sitting:
 * :mod:`.setup` -- device, processes, optimizer, LR schedule, gradient combiner;
 * :mod:`.partition` -- the partitioned split (exact SISS gradient at about one backward);
 * :mod:`.step` -- one optimizer step (:class:`~.step.UnlearnStep`), public for custom loops and benchmarks;
-* :mod:`.loop` -- the steps, metrics, checkpoints, validation and stop rules, outputs (``run``);
+* :mod:`.loop` -- the steps, metrics, checkpoints, validation and stop decisions, outputs (``run``);
 * :mod:`.checkpoint` -- atomic, hash-verified checkpoints and RNG states;
-* :mod:`.validation` -- DDIM samples with fixed seeds, the metric registry, stop rules.
+* :mod:`.validation` -- DDIM samples with fixed seeds, the metric registry;
+* :mod:`.stop_rules` -- the forget target and the quality guard (:class:`~.stop_rules.StopRules`);
+* :mod:`.validator` -- rank 0's validation, and which kept state becomes the final model;
+* :mod:`.run_record` -- how a run ends on disk (``final/``, then the manifest) and why a finished run stays closed.
 
 Importing this package does not import diffusers or transformers; :func:`unlearn` does.
 

@@ -44,10 +44,10 @@ from . import checkpoint as CK
 from . import data as D
 from . import models as M
 from . import setup as S
-from . import validation as V
+from . import run_record as RR
 from .config import EngineConfig, to_dict
 from .step import UnlearnStep
-from .stop_rules import StopRules
+from .validator import Validator, unet_state
 
 __all__ = ["RunResult", "run"]
 
@@ -73,8 +73,9 @@ class _MetricsLog:
     def __init__(self, path: Path, resume_step: Optional[int], tensorboard_dir: Optional[Path]):
         self.path = path
         if resume_step is not None and path.is_file():  # drop records past the checkpoint we resume from
+            # (and a closing record: a run killed while writing its outputs writes it again)
             keep = [ln for ln in path.read_text().splitlines() if (rec := _parse_record(ln)) is not None
-                    and rec.get("step", 0) <= resume_step]
+                    and rec.get("step", 0) <= resume_step and "stop_reason" not in rec]
             tmp = path.with_name(path.name + ".tmp")  # a kill during the rewrite keeps the old file
             tmp.write_text("".join(k + "\n" for k in keep))
             tmp.replace(path)
@@ -108,10 +109,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _unet_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-
-
 def _versions() -> Dict[str, str]:
     import importlib.metadata as md
 
@@ -125,68 +122,6 @@ def _versions() -> Dict[str, str]:
 
                 out[name] = __version__
     return out
-
-
-class _Validator:
-    """Rank 0's sampler + metrics + stop rules + sample grids + the best model on disk."""
-
-    def __init__(self, cfg: EngineConfig, model: M.LoadedModel, run: S.RunData, device: torch.device, out: Path):
-        v = cfg.validation
-        self.cfg, self.model, self.device, self.out = cfg, model, device, out
-        ctx = V.MetricContext(run.retain_pixels, run.forget_pixels, {}, model.kind, device, model, model.unet)
-        self.metrics = V.build_metrics(v.metrics, ctx, v.metric_options)
-        self.rules = StopRules(v.forget_metric, v.forget_target, v.quality_metric, v.quality_tolerance,
-                                 v.stop_on_target, v.stop_on_guard, v.min_steps, v.forget_target_ratio,
-                                 v.target_patience)
-        self.cond = self.uncond = None
-        if model.kind == "sd":
-            prompt = v.prompt or run.forget_prompts[0]
-            frozen = S.autocast_dtype(cfg.train.mixed_precision) or torch.float32
-            emb, _ = D.encode_prompts(model.tokenizer, model.text_encoder, [prompt, ""], device, frozen)
-            self.cond, self.uncond = emb[:1], emb[1:]
-        self.scores_by_step: Dict[int, Dict[str, float]] = {}
-        self.last_good_step: Optional[int] = None
-
-    def __call__(self, unet: torch.nn.Module, step: int) -> Dict[str, Any]:
-        v = self.cfg.validation
-        samples = V.sample_images(self.model, unet, num_samples=v.num_samples, steps=v.sampler_steps, seed=v.seed,
-                                  batch_size=v.batch_size, device=self.device,
-                                  autocast_dtype=S.autocast_dtype(self.cfg.train.mixed_precision),
-                                  encoder_hidden_states=self.cond, uncond_hidden_states=self.uncond,
-                                  guidance_scale=v.guidance_scale)
-        scores = {name: float(fn(samples)) for name, fn in self.metrics.items()}
-        self.scores_by_step[step] = scores
-        if v.grids:
-            (self.out / "samples").mkdir(exist_ok=True)
-            V.save_grid(samples, self.out / "samples" / f"step-{step:06d}.png")
-        verdict = self.rules.update(step, scores)
-        if verdict["is_best"]:
-            self._save_state(unet, step, "best")
-        elif self.rules.best_step is None and not verdict["guard_tripped"]:
-            # until the target is met, keep the last state within the quality guard: if the guard trips first,
-            # that state (not the tripped one) is the final model
-            self._save_state(unet, step, "last_good")
-            self.last_good_step = step
-        return {"scores": scores, **verdict}
-
-    def _save_state(self, unet: torch.nn.Module, step: int, name: str) -> None:
-        import os
-
-        from safetensors.torch import save_file
-
-        tmp = self.out / f".{name}.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in _unet_state(unet).items()}, str(tmp))
-        os.replace(tmp, self.out / f"{name}.safetensors")
-        (self.out / f"{name}.json").write_text(json.dumps({"step": step, "scores": self.scores_by_step[step]}))
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"rules": self.rules.state_dict(), "last_good_step": self.last_good_step,
-                "scores": {str(k): v for k, v in self.scores_by_step.items()}}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.rules.load_state_dict(state["rules"])
-        self.scores_by_step = {int(k): dict(v) for k, v in state["scores"].items()}
-        self.last_good_step = state.get("last_good_step")
 
 
 def run(cfg: EngineConfig, *, stop_after: Optional[int] = None, _fail_checkpoint_after: Optional[str] = None
@@ -212,11 +147,30 @@ def run(cfg: EngineConfig, *, stop_after: Optional[int] = None, _fail_checkpoint
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
+def _finished(cfg: EngineConfig, out: Path, dist: S.Dist) -> Optional[RunResult]:
+    """The result of the finished run in ``out`` when this command retries it (``resume`` set): its final model is
+    verified against the manifest and nothing is written. A new run into that folder is refused."""
+    manifest = RR.read_finished(out)
+    if manifest is None:
+        return None
+    if not cfg.checkpoint.resume:
+        RR.refuse_new_run(out, manifest)
+    RR.verify_final(out, manifest)
+    _log(f"{out} is a finished run: {RR.describe_finished(manifest)}; nothing to do (files unchanged). To continue "
+         f"past its stop, start a new run from its final model: model={out / 'final'} output_dir=NEW_DIR", dist)
+    stop = manifest.get("stop") or {}
+    return RunResult(out, stop.get("reason", manifest.get("stop_reason")), int(stop.get("step", 0)),
+                     stop.get("best_step"), out / "final", stop.get("kept_step"))
+
+
 def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: Optional[str]) -> RunResult:
     started = datetime.now(timezone.utc).isoformat()
     dist = S.init_distributed(cfg.train.device)
     device = S.pick_device(cfg.train.device, dist)
     out = Path(cfg.output_dir)
+    finished = _finished(cfg, out, dist)  # before anything loads or is written
+    if finished is not None:
+        return finished
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -235,10 +189,11 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         for p in unet.parameters():
             torch.distributed.broadcast(p.data, src=0)
     acc, batch = cfg.train.accumulation_steps, cfg.train.batch_size
-    validator = _Validator(cfg, model, run_data, device, out) if (dist.main and cfg.validation.every) else None
+    validator = Validator(cfg, model, run_data, device, out) if (dist.main and cfg.validation.every) else None
 
     # ---------------------------------------------------------------- resume
     start, consecutive_skips = 0, 0
+    stop: Optional[Dict[str, Any]] = None  # {"reason", "step"} once a stop rule fired (part of every checkpoint)
     ckpt_root = out / "checkpoints"
     resume_from = None
     if cfg.checkpoint.resume == "latest":
@@ -255,10 +210,12 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         lr_schedule.load_state_dict(trainer["lr_schedule"])
         combiner.load_state_dict(trainer["combiner"])
         start, consecutive_skips = int(trainer["step"]), int(trainer["consecutive_skips"])
+        stop = trainer.get("stop")
         if validator is not None and trainer.get("validation") is not None:
             validator.load_state_dict(trainer["validation"])
         CK.restore_rng(state["rng"], streams)
-        _log(f"resumed from {resume_from} at step {start}", dist)
+        _log(f"resumed from {resume_from} at step {start}"
+             + (f": the {stop['reason']} rule had stopped the run there; writing its outputs" if stop else ""), dist)
     log = _MetricsLog(out / "metrics.jsonl", start if resume_from is not None else None,
                       out / "tensorboard" if cfg.log.tensorboard else None) if dist.main else None
 
@@ -273,7 +230,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         if dist.main:
             trainer_state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                              "combiner": combiner.state_dict(), "step": step, "consecutive_skips": consecutive_skips,
-                             "validation": None if validator is None else validator.state_dict()}
+                             "stop": stop, "validation": None if validator is None else validator.state_dict()}
             CK.save_checkpoint(ckpt_root, step, unet.state_dict(), trainer_state, rng_states,
                                cfg.checkpoint.keep_last, _fail_after=_fail_checkpoint_after)
         dist.barrier()
@@ -301,84 +258,88 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         return reason
 
     # ---------------------------------------------------------------- steps
-    stop_reason = "steps"
     if start == 0 and cfg.validation.every:
         validate(0)
     progress = None
-    if dist.main and cfg.log.progress:
+    if dist.main and cfg.log.progress and stop is None:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.train.steps, initial=start, desc=f"unlearn[{cfg.method.name}]", dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = start
-    for step in range(start + 1, cfg.train.steps + 1):
+    # resumed from the checkpoint of a stop: the outputs are all that is left
+    for step in range(start + 1, cfg.train.steps + 1) if stop is None else ():
         result = step_fn()
-        info, stats, mixed, lr, elapsed = result.info, result.stats, result.counts["mixed"], result.lr, result.seconds
-        if info.skipped:
-            consecutive_skips += 1
-        else:
-            consecutive_skips = 0
-
+        consecutive_skips = consecutive_skips + 1 if result.info.skipped else 0
         if dist.main:
-            record: Dict[str, Any] = {"step": step, **stats, "norm_x": info.norm_x, "norm_a": info.norm_a,
-                                      "forget_coef": info.forget_coef, "forget_scale": abs(info.forget_coef),
-                                      "scaling_norm": info.scaling_norm, "total_norm": info.total_norm,
-                                      "clip_coef": info.clip_coef, "grad_path": info.path, "skipped": info.skipped,
-                                      "skipped_steps": combiner.skipped_steps,
-                                      "dropped_forget_steps": combiner.dropped_forget_steps,
-                                      "capped_steps": combiner.capped_steps, "mixed_samples": mixed, "lr": lr,
-                                      "step_time_s": elapsed,
-                                      "images_per_s": dist.world * acc * batch / max(elapsed, 1e-9)}
-            if device.type == "cuda":
-                record["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if not math.isfinite(record["total_norm"]):
-                record["total_norm"] = None
-            log.write(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix({"L_x": f"{stats.get('loss_retain', float('nan')):.4f}",
-                                      "L_a": f"{stats.get('loss_forget', float('nan')):.4f}",
-                                      "|G_a|": "-" if info.norm_a is None else f"{info.norm_a:.3g}",
-                                      "f": f"{info.forget_coef:.3g}", "skip": combiner.skipped_steps,
-                                      "mixed": mixed}, refresh=False)
+            _log_step(log, progress, step, result, combiner, dist.world * acc * batch, device)
+        reason = None
         if consecutive_skips >= cfg.gradient.max_consecutive_skips:
-            stop_reason = "non_finite"
+            reason = "non_finite"
             _log(f"stopping: {consecutive_skips} consecutive steps had a non-finite gradient (weights untouched); "
                  "lower train.lr, use train.mixed_precision: bf16 instead of fp16, or set method.weight_clip", dist)
-            break
-        reason = None
-        if cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.train.steps):
+        elif cfg.validation.every and (step % cfg.validation.every == 0 or step == cfg.train.steps):
             reason = validate(step)  # before the checkpoint, so that a resumed run knows this validation
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        if reason is None and step == cfg.train.steps:
+            reason = "steps"
+        if reason is not None:
+            stop = {"reason": reason, "step": step}  # recorded (in this step's checkpoint) before any output
+        if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or stop is not None):
             save_checkpoint(step)
         if stop_after is not None and step >= stop_after:
             if progress is not None:
                 progress.close()
             return RunResult(out, "interrupted", step, None, None)
-        if reason is not None:
-            stop_reason = reason
+        if stop is not None:
             break
     if progress is not None:
         progress.close()
+    if stop is None:  # a budget of 0 steps, or a resume at the budget from a checkpoint of an older version
+        stop = {"reason": "steps", "step": start}
+    return _write_outputs(cfg, out, dist, model, run_data, validator, combiner, unet, log, stop, started)
 
-    # ---------------------------------------------------------------- outputs
+
+def _log_step(log: _MetricsLog, progress: Any, step: int, result: Any, combiner: Any, images: int,
+              device: torch.device) -> None:
+    """One training step's record in ``metrics.jsonl`` (and TensorBoard) and the progress bar."""
+    info, stats, mixed, elapsed = result.info, result.stats, result.counts["mixed"], result.seconds
+    record: Dict[str, Any] = {"step": step, **stats, "norm_x": info.norm_x, "norm_a": info.norm_a,
+                              "forget_coef": info.forget_coef, "forget_scale": abs(info.forget_coef),
+                              "scaling_norm": info.scaling_norm, "total_norm": info.total_norm,
+                              "clip_coef": info.clip_coef, "grad_path": info.path, "skipped": info.skipped,
+                              "skipped_steps": combiner.skipped_steps,
+                              "dropped_forget_steps": combiner.dropped_forget_steps,
+                              "capped_steps": combiner.capped_steps, "mixed_samples": mixed, "lr": result.lr,
+                              "step_time_s": elapsed, "images_per_s": images / max(elapsed, 1e-9)}
+    if device.type == "cuda":
+        record["peak_cuda_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if not math.isfinite(record["total_norm"]):
+        record["total_norm"] = None
+    log.write(record)
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix({"L_x": f"{stats.get('loss_retain', float('nan')):.4f}",
+                              "L_a": f"{stats.get('loss_forget', float('nan')):.4f}",
+                              "|G_a|": "-" if info.norm_a is None else f"{info.norm_a:.3g}",
+                              "f": f"{info.forget_coef:.3g}", "skip": combiner.skipped_steps,
+                              "mixed": mixed}, refresh=False)
+
+
+def _write_outputs(cfg: EngineConfig, out: Path, dist: S.Dist, model: M.LoadedModel, run_data: S.RunData,
+                   validator: Optional[Validator], combiner: Any, unet: torch.nn.Module, log: Optional[_MetricsLog],
+                   stop: Dict[str, Any], started: str) -> RunResult:
+    """The end of a run (:mod:`.run_record`): closing record, ``final/``, then the manifest that marks it finished."""
+    reason, step = stop["reason"], int(stop["step"])
     best_step = validator.rules.best_step if validator is not None else None
     final_dir = out / "final"
     kept_step = step
     if dist.main:
-        from safetensors.torch import load_file
-
-        last_good = validator.last_good_step if validator is not None else None
-        if best_step is not None and (out / "best.safetensors").is_file():
-            final_state, final_from = load_file(str(out / "best.safetensors")), f"best@{best_step}"
-            kept_step = best_step
-        elif stop_reason == "quality_guard" and last_good is not None and (out / "last_good.safetensors").is_file():
-            # the target was never met and quality fell too far: keep the last state within the guard
-            final_state, final_from = load_file(str(out / "last_good.safetensors")), f"last_good@{last_good}"
-            kept_step = last_good
+        final_state, final_from, kept = validator.final_state(reason) if validator is not None else (None, "end", None)
+        if final_state is None:
+            final_state, final_from = unet_state(unet), f"end@{step}"
         else:
-            final_state, final_from = _unet_state(unet), f"end@{step}"
+            kept_step = kept
+        log.write({"step": step, "stop_reason": reason, "final_from": final_from})
         M.save_final(model, final_state, final_dir)
         manifest = {
             "method": cfg.method.name,
@@ -386,7 +347,8 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
             "retain_items": len(run_data.retain_files),
             "base_model": {"source": cfg.model.path or f"build:{cfg.model.build}",
                            "sha256": M.hash_model_folder(model.path)},
-            "stop_reason": stop_reason,
+            "stop": {"reason": reason, "step": step, "kept_step": kept_step, "best_step": best_step},
+            "stop_reason": reason,
             "steps_done": step,
             "final_model": {"path": str(final_dir), "from": final_from, "sha256": M.hash_model_folder(final_dir)},
             "metrics_before": validator.scores_by_step.get(0) if validator else None,
@@ -399,8 +361,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
             "started": started,
             "finished": datetime.now(timezone.utc).isoformat(),
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
-        log.write({"step": step, "stop_reason": stop_reason, "final_from": final_from})
-        _log(f"done: {stop_reason} after {step} steps; final model ({final_from}) in {final_dir}", dist)
+        RR.write_manifest(out, manifest)
+        _log(f"done: {reason} after {step} steps; final model ({final_from}) in {final_dir}", dist)
     dist.barrier()
-    return RunResult(out, stop_reason, step, best_step, final_dir, kept_step)
+    return RunResult(out, reason, step, best_step, final_dir, kept_step)
