@@ -274,6 +274,26 @@ def test_auto_scaling_norm_fixed_after_first_step(accumulation):
         assert [info.extra_buffers for _, info in got] == [1, 0, 0, 0]
 
 
+def test_auto_scaling_norm_median_of_the_first_steps():
+    """auto_steps=3: c follows the running median of ||G_x|| for three steps (the buffered path measures it), then
+    stays fixed on the direct path; the measured norms survive state_dict, so a resumed combiner continues alike."""
+    model = make_model()
+    combiner = GradientCombiner(trainable(model), "rescale", scaling_norm="auto", auto_steps=3)
+    got = run_engine(model, combiner, 5, 1)
+    norms = [info.norm_x for _, info in got[:3]]
+    assert [info.path for _, info in got] == ["buffered"] * 3 + ["direct"] * 2
+    for k in range(3):  # the c each step used is 0.1 x the median of the norms measured so far (itself included)
+        assert got[k][1].scaling_norm == pytest.approx(0.1 * sorted(norms[:k + 1])[k // 2] if k != 1
+                                                       else 0.05 * (norms[0] + norms[1]), rel=1e-15)
+    assert combiner.scaling_norm == pytest.approx(0.1 * sorted(norms)[1], rel=1e-15)
+    assert got[4][1].scaling_norm == combiner.scaling_norm
+    fresh = GradientCombiner(trainable(make_model()), "rescale", scaling_norm="auto", auto_steps=3)
+    fresh.load_state_dict(combiner.state_dict())
+    assert fresh.scaling_norm == combiner.scaling_norm and not fresh._auto_measuring
+    with pytest.raises(ValueError, match="auto_steps"):
+        GradientCombiner(trainable(model), "rescale", scaling_norm="auto", auto_steps=0)
+
+
 def test_auto_scaling_needs_a_retain_term():
     model = make_model()
     combiner = GradientCombiner(trainable(model), "rescale", scaling_norm="auto")

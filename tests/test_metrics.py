@@ -174,10 +174,13 @@ class _CondUNet(nn.Module):
 def test_noise_norm_signal_known_value():
     cond = torch.full((1, 3, 8), 0.5)
     uncond = torch.zeros(1, 3, 8)
-    d, latents = noise_norm_signal(_CondUNet(), ABAR, cond, uncond, (2, 4, 4), n=3, steps=5, guidance_scale=2.0)
-    assert d.shape == (3,) and latents.shape == (3, 2, 4, 4)
+    d, first, latents = noise_norm_signal(_CondUNet(), ABAR, cond, uncond, (2, 4, 4), n=3, steps=5,
+                                          guidance_scale=2.0, batch_size=2)  # two chunks: norms land per sample
+    assert d.shape == first.shape == (3,) and latents.shape == (3, 2, 4, 4)
     assert d.tolist() == pytest.approx([0.5 * math.sqrt(32)] * 3, rel=1e-5)
-    d0, _ = noise_norm_signal(_CondUNet(), ABAR, uncond, uncond, (2, 4, 4), n=2, steps=5)
+    assert first.tolist() == pytest.approx([0.5 * math.sqrt(32)] * 3, rel=1e-5)
+    assert float(latents.abs().max()) > 1.0  # latents are not clamped like images
+    d0, _, _ = noise_norm_signal(_CondUNet(), ABAR, uncond, uncond, (2, 4, 4), n=2, steps=5)
     assert d0.tolist() == pytest.approx([0.0, 0.0], abs=1e-7)
 
 

@@ -232,27 +232,20 @@ def generate(unet: Any, vae: Any, alphas_cumprod: Tensor, cond: Tensor, uncond: 
              guidance_scale: float, seed: int) -> Tuple[Tensor, Tensor, Tensor]:
     """``(images (n, C, H, W) fp32 in [-1, 1], noise_norm (n,) fp64, first_step_norm (n,) fp64)`` for one prompt.
 
-    The classifier-free-guided DDIM trajectory of :func:`siss_fast.metrics.noise_norm_signal` from latents seeded
-    with ``seed`` (the same noise for the same seed, so before/after compare like with like), decoded by the VAE;
+    The classifier-free-guided DDIM trajectory of :func:`siss_fast.metrics.noise_norm_signal` (the one sampler) from
+    latents seeded with ``seed`` (the same noise for the same seed, so before/after compare like with like), decoded
+    by the VAE;
     ``noise_norm`` is each trajectory's mean ``||eps(x_t, c) - eps(x_t, "")||``, ``first_step_norm`` the same norm
     at the first step only (on the initial noise ``x_T``, at ``t = T - 1``): Wen et al.'s one-step detector, which does
     not depend on where the trajectory goes afterwards.
     """
     from siss_fast.metrics import noise_norm_signal
-    from siss_fast.metrics.sampling import ddim_timesteps
 
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    shape = (cfg.in_channels, size, size)
-    norms, latents = noise_norm_signal(unet, alphas_cumprod, cond, uncond, shape, n, steps=steps,
-                                       guidance_scale=guidance_scale, seed=seed)
-    # the trajectory's first step again: noise_norm_signal starts from randn(n, *shape) of Generator(seed)
-    x_t = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-    t = torch.full((n,), ddim_timesteps(len(alphas_cumprod), steps)[0], dtype=torch.long)
-    e_c = unet(x_t, t, encoder_hidden_states=cond.expand(n, -1, -1)).sample.float()
-    e_0 = unet(x_t, t, encoder_hidden_states=uncond.expand(n, -1, -1)).sample.float()
-    first = (e_c - e_0).flatten(1).norm(dim=1).double()
-    images = vae.decode(latents / float(vae.config.scaling_factor)).sample.float().clamp(-1.0, 1.0)
+    norms, first, images = noise_norm_signal(unet, alphas_cumprod, cond, uncond, (cfg.in_channels, size, size), n,
+                                             steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                             decode=lambda z: vae.decode(z / float(vae.config.scaling_factor)).sample)
     return images, norms, first
 
 

@@ -6,7 +6,7 @@ A config file is a YAML mapping with the sections below (every key optional exce
     data:       {retain_dir: DIR, forget_dir: DIR, captions: FILE, retain_prompt: STR, forget_prompt: STR,
                  train_size: N}
     method:     {name: siss, lambd: 0.5, weight_clip: null, t_range: null, retain_source: complement}
-    gradient:   {rule: null (the method's rule), scaling_norm: auto, max_forget_scale: 1e4, max_grad_norm: 1.0,
+    gradient:   {rule: null (the method's rule), scaling_norm: auto, auto_steps: 8, max_forget_scale: 1e4, max_grad_norm: 1.0,
                  mode: exact, partitioned: true, lag_every: 10, eta: 0.1, max_consecutive_skips: 10}
     train:      {steps: 100, batch_size: null, accumulation_steps: 1, lr: null, weight_decay: 0.01, betas: [0.9, 0.999],
                  eps: 1e-8, lr_schedule: constant, warmup_steps: 0, mixed_precision: "no", gradient_checkpointing: false,
@@ -32,12 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "EngineConfig", "load_config", "parse_overrides", "to_dict", "SHORTCUTS", "KIND_DEFAULTS",
            "apply_kind_defaults"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, found before any model loads. The message names the key or file."""
 
 
 BUILDS = ("tiny-ddpm", "tiny-sd")
@@ -92,7 +90,8 @@ class MethodConfig:
 @dataclass
 class GradientConfig:
     rule: Optional[str] = None  # rescale | clip | erasediff; default: the method's (objectives.RULE_HINTS)
-    scaling_norm: Union[float, str] = "auto"  # c, or auto = 0.1 * |G_x| of the first step
+    scaling_norm: Union[float, str] = "auto"  # c, or auto = 0.1 x the median |G_x| of the first auto_steps steps
+    auto_steps: int = 8  # steps whose |G_x| the auto scaling norm takes the median of
     max_forget_scale: Optional[float] = 1e4
     max_grad_norm: Optional[float] = 1.0
     mode: str = "exact"  # exact | lagged (approximation: one backward with the last measured coefficient)
@@ -430,6 +429,7 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
     _positive("gradient.max_grad_norm", g.max_grad_norm, allow_none=True)
     _require(g.mode in ("exact", "lagged"), "gradient.mode", f"expected exact or lagged, got {g.mode!r}")
     _require(g.lag_every >= 1, "gradient.lag_every", f"expected an integer >= 1, got {g.lag_every}")
+    _require(g.auto_steps >= 1, "gradient.auto_steps", f"expected an integer >= 1, got {g.auto_steps}")
     _positive("gradient.eta", g.eta, allow_zero=True)
     _require(g.max_consecutive_skips >= 1, "gradient.max_consecutive_skips",
              f"expected an integer >= 1, got {g.max_consecutive_skips}")

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from .errors import ConfigError
 
 __all__ = ["DataError", "FolderScan", "scan_folder", "load_images", "resolve_prompts", "sha256_file",
            "LatentCache", "SampleStream", "IMAGE_SUFFIXES"]

@@ -193,4 +193,5 @@ def make_combiner(cfg: EngineConfig, params: List[Tensor], dist: Dist):
     rule = g.rule or RULE_HINTS[cfg.method.name] or "rescale"
     return GradientCombiner(params, rule, scaling_norm=g.scaling_norm, max_forget_scale=g.max_forget_scale,
                             max_grad_norm=g.max_grad_norm, mode=g.mode, lag_every=g.lag_every, eta=g.eta,
-                            accumulation_steps=cfg.train.accumulation_steps, average_grads=dist.world > 1)
+                            accumulation_steps=cfg.train.accumulation_steps, auto_steps=g.auto_steps,
+                            average_grads=dist.world > 1)

@@ -4,7 +4,7 @@ quality guard, judged once per validation; their whole state goes into every che
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .validation import get_metric
 
@@ -33,23 +33,35 @@ class StopRules:
     def _better(self, name: str, a: float, b: float) -> bool:
         return a > b if get_metric(name).higher_is_better else a < b
 
-    def target(self, baseline: Optional[Dict[str, float]] = None) -> Optional[float]:
-        """The forget metric's target value: ``forget_target``, else ``forget_target_ratio`` x its baseline."""
+    def item_keys(self, scores: Dict[str, float]) -> List[str]:
+        """The per-item readings of the forget metric in ``scores`` (``"name[k]"``, k = 0..K-1), in item order."""
+        prefix = f"{self.forget_metric}["
+        keys = [k for k in scores if k.startswith(prefix) and k.endswith("]") and k[len(prefix):-1].isdigit()]
+        return sorted(keys, key=lambda k: int(k[len(prefix):-1]))
+
+    def target(self, baseline: Optional[Dict[str, float]] = None, key: Optional[str] = None) -> Optional[float]:
+        """The target value of ``key`` (default the forget metric; ``"name[k]"``: item k): ``forget_target``, else
+        ``forget_target_ratio`` x the key's baseline."""
         if self.forget_metric is None:
             return None
         if self.forget_target is not None:
             return self.forget_target
-        base = (baseline if baseline is not None else self.baseline).get(self.forget_metric)
+        base = (baseline if baseline is not None else self.baseline).get(key or self.forget_metric)
         return None if base is None else self.forget_target_ratio * base
 
     def target_met(self, scores: Dict[str, float], baseline: Optional[Dict[str, float]] = None) -> bool:
-        target = self.target(baseline)
-        if target is None:
+        """Met when the forget metric reaches its target -- for **every** forget item, when the metric reports per-item
+        readings (each against its own baseline): one item still generated keeps the run going."""
+        if self.forget_metric is None:
             return False
-        value = scores[self.forget_metric]
-        if get_metric(self.forget_metric).higher_is_better:
-            return value >= target
-        return value <= target
+        higher = get_metric(self.forget_metric).higher_is_better
+        for key in self.item_keys(scores) or [self.forget_metric]:
+            target = self.target(baseline, key)
+            if target is None or key not in scores:
+                return False
+            if not (scores[key] >= target if higher else scores[key] <= target):
+                return False
+        return True
 
     def guard_tripped(self, scores: Dict[str, float]) -> bool:
         name = self.quality_metric

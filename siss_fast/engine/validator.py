@@ -69,6 +69,9 @@ class Validator:
                                   encoder_hidden_states=self.cond, uncond_hidden_states=self.uncond,
                                   guidance_scale=v.guidance_scale)
         scores = {name: float(fn(samples)) for name, fn in self.metrics.items()}
+        for name, fn in self.metrics.items():  # per-item readings ("name[k]"): each forget item must meet the target
+            for k, value in enumerate(getattr(fn, "per_item", lambda _: [])(samples)):
+                scores[f"{name}[{k}]"] = float(value)
         self.scores_by_step[step] = scores
         if v.grids:
             (self.out / "samples").mkdir(exist_ok=True)

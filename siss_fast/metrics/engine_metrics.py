@@ -1,4 +1,4 @@
-"""The metrics of this package as plug-ins of the engine's validation registry (``siss_fast.engine.validation``).
+"""The metrics of this package as plug-ins of the validation registry (:mod:`siss_fast.metrics.registry`).
 
 Registered names (for ``validation.metrics`` / ``forget_metric`` / ``quality_metric`` of an engine config):
 
@@ -9,7 +9,7 @@ Registered names (for ``validation.metrics`` / ``forget_metric`` / ``quality_met
   images, under a classifier. Option ``classifier``: a ``DigitClassifier`` safetensors file (default: the one
   shipped with the demo's base model); the images must be 1x16x16.
 
-Layer 5 importing layer 4, never the reverse: the engine finds these by importing ``siss_fast.metrics``.
+The engine finds these by importing ``siss_fast.metrics`` (the registry does on a miss).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from siss_fast.engine.validation import MetricContext, register_metric
+from .registry import MetricContext, register_metric
 
 from .forget import FORGET_THRESHOLD, forget_mask, forget_rate
 from .quality import classifier_quality

@@ -8,49 +8,45 @@ ICLR 2024): for a prompt embedding ``c`` and the empty prompt's ``c_0``, along t
 
 Memorized prompts have a much larger ``d`` than ordinary ones (the text steers the prediction hard towards one
 image). The trajectory is the classifier-free-guided DDIM trajectory of that prompt (guidance scale ``w``:
-``eps = eps_0 + w (eps_c - eps_0)``), from seeded Gaussian latents.
+``eps = eps_0 + w (eps_c - eps_0)``) of the one sampler, :func:`siss_fast.metrics.sampling.ddim_sample`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .sampling import ddim_timesteps, model_eps
+from .sampling import ddim_sample
 
 __all__ = ["noise_norm_signal", "image_similarity"]
 
 
 @torch.no_grad()
 def noise_norm_signal(unet: Callable, alphas_cumprod: Tensor, cond: Tensor, uncond: Tensor, shape, n: int = 4, *,
-                      steps: int = 20, guidance_scale: float = 7.5, seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """``(d (n,), latents (n, *shape))``: the mean noise-norm along each trajectory, and its final latents.
+                      steps: int = 20, guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 250,
+                      decode: Optional[Callable[[Tensor], Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(d (n,), first (n,), samples)``: each trajectory's mean noise-norm, its norm at the first step (on the
+    initial noise at ``t = T - 1``: Wen et al.'s one-step detector) and its final samples (latents ``(n, *shape)``,
+    or images when ``decode`` is given), all from :func:`siss_fast.metrics.sampling.ddim_sample` (guided, no
+    clipping: latent space).
 
-    ``cond`` / ``uncond``: ``(1, L, E)`` text embeddings (broadcast to the batch); ``unet`` called as
-    ``unet(x, t, encoder_hidden_states=...)``. Latents start from ``Generator().manual_seed(seed)``; the sampler
-    is DDIM (eta = 0), no clipping (latent space).
+    ``cond`` / ``uncond``: ``(1, L, E)`` text embeddings; ``unet`` called as ``unet(x, t, encoder_hidden_states=...)``.
     """
-    device = cond.device
-    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-    ts = ddim_timesteps(abar.shape[0], steps)
-    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    c = cond.expand(n, *cond.shape[1:])
-    c0 = uncond.expand(n, *uncond.shape[1:])
     norms = torch.zeros(n, dtype=torch.float64)
-    for j, t in enumerate(ts):
-        tt = torch.full((n,), t, device=device, dtype=torch.long)
-        both = model_eps(unet, torch.cat([x, x]), torch.cat([tt, tt]),
-                         encoder_hidden_states=torch.cat([c, c0])).float()
-        e_c, e_0 = both[:n], both[n:]
-        norms += (e_c - e_0).flatten(1).norm(dim=1).double().cpu()
-        eps = e_0 + guidance_scale * (e_c - e_0)
-        a_t = float(abar[t])
-        a_prev = float(abar[ts[j + 1]]) if j + 1 < len(ts) else 1.0
-        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-    return norms / len(ts), x
+    first = torch.zeros(n, dtype=torch.float64)
+
+    def read(start: int, j: int, e_c: Tensor, e_u: Optional[Tensor]) -> None:
+        d = (e_c - e_u).flatten(1).norm(dim=1).double().cpu()
+        norms[start:start + d.shape[0]] += d
+        if j == 0:
+            first[start:start + d.shape[0]] = d
+
+    samples = ddim_sample(unet, alphas_cumprod, n, shape, steps=steps, seed=seed, batch_size=batch_size,
+                          device=cond.device, clip=False, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                          decode=decode, on_step=read)
+    return norms / steps, first, samples
 
 
 def image_similarity(images: Tensor, reference: Tensor) -> Tensor:

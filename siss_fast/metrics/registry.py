@@ -1,0 +1,112 @@
+"""The metric registry: what the engine's validation, the reports and plug-ins share.
+
+It sits below the engine (``siss_fast.engine`` imports it, never the reverse)::
+
+    from siss_fast.metrics.registry import register_metric, MetricContext
+
+    @register_metric("my_metric", higher_is_better=False)
+    def my_metric(ctx: MetricContext):            # called once per run
+        reference = ctx.forget_images              # (K, C, H, W) fp32 in [0, 1], on CPU
+        def score(samples):                        # (N, C, H, W) fp32 in [0, 1], on CPU
+            return float(...)
+        return score
+
+A config names metrics in ``validation.metrics``: registered names, or ``"package.module:function"`` for a factory
+(the function is registered under that string; give ``higher_is_better`` as an attribute of the function if it
+is). ``validation.metric_options[name]`` is passed as ``ctx.options``. The metrics of :mod:`siss_fast.metrics`
+register themselves when that package is imported (:func:`get_metric` imports it on a miss).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch import Tensor
+
+__all__ = ["MetricContext", "register_metric", "get_metric", "list_metrics", "check_metric_name", "build_metrics"]
+
+MetricFn = Callable[[Tensor], float]
+MetricFactory = Callable[["MetricContext"], MetricFn]
+
+
+@dataclass
+class MetricContext:
+    """What a metric factory sees: the reference sets (``(N, C, H, W)`` fp32 in ``[0, 1]``, CPU), its options
+    (``validation.metric_options[name]``), the model kind (``"ddpm"`` / ``"sd"``) and the training device."""
+
+    retain_images: Tensor
+    forget_images: Tensor
+    options: Dict[str, Any] = field(default_factory=dict)
+    kind: str = "ddpm"
+    device: torch.device = torch.device("cpu")
+    model: Any = None  # the run's LoadedModel (scheduler, VAE, text encoder) when built by the engine, else None
+    unet: Any = None  # the UNet as the factory is called: the base model (copy it to keep frozen features)
+
+
+@dataclass
+class _Entry:
+    factory: MetricFactory
+    higher_is_better: bool
+
+
+_REGISTRY: Dict[str, _Entry] = {}
+
+
+def register_metric(name: str, *, higher_is_better: bool = False) -> Callable[[MetricFactory], MetricFactory]:
+    """Decorator: register ``factory(ctx) -> fn(samples) -> float`` under ``name`` (re-registering replaces)."""
+
+    def wrap(factory: MetricFactory) -> MetricFactory:
+        _REGISTRY[name] = _Entry(factory, higher_is_better)
+        return factory
+
+    return wrap
+
+
+def list_metrics() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_metric(name: str) -> _Entry:
+    """The registry entry of ``name``, importing ``"module:function"`` factories on first use."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        module_name, func_name = name.split(":", 1)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import module {module_name!r} of metric {name!r}: {exc}") from None
+        factory = getattr(module, func_name, None)
+        if not callable(factory):
+            raise ValueError(f"module {module_name!r} has no callable {func_name!r} (metric {name!r})")
+        register_metric(name, higher_is_better=bool(getattr(factory, "higher_is_better", False)))(factory)
+        return _REGISTRY[name]
+    _load_plugins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    raise ValueError(f"unknown metric {name!r}; registered: {list_metrics()}, or 'package.module:function'")
+
+
+def check_metric_name(name: str) -> None:
+    get_metric(name)
+
+
+def _load_plugins() -> None:
+    """The metrics of ``siss_fast.metrics`` register themselves when the package is imported."""
+    try:
+        importlib.import_module("siss_fast.metrics")
+    except ImportError:
+        pass
+
+
+def build_metrics(names: List[str], ctx_base: MetricContext, options: Dict[str, Dict[str, Any]]
+                  ) -> Dict[str, MetricFn]:
+    out = {}
+    for name in names:
+        ctx = MetricContext(ctx_base.retain_images, ctx_base.forget_images, dict(options.get(name, {})),
+                            ctx_base.kind, ctx_base.device, ctx_base.model, ctx_base.unet)
+        out[name] = get_metric(name).factory(ctx)
+    return out
