@@ -36,12 +36,5 @@ __all__ = [
 ]
 
 
-def _register_engine_metrics() -> None:
-    """Register ``forget_rate`` and ``classifier_quality`` with the engine's validation registry, if present."""
-    try:
-        from . import engine_metrics  # noqa: F401
-    except ImportError:
-        pass
-
-
-_register_engine_metrics()
+# the validation metrics register themselves (siss_fast.metrics.registry) on import
+from . import distances, engine_metrics, feature_guard, forget_probe, forget_signal  # noqa: E402,F401
