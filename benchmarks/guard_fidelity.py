@@ -164,14 +164,14 @@ def _variants(ctx, dumps: List[torch.Tensor]) -> Dict[str, List[float]]:
 def _forget_signals(ctx, dumps: List[torch.Tensor], steps: List[int]) -> Dict:
     """Per step: shares counted by forget_distance (auto radius), forget_nn, and the uncapped NN rule; over all
     saved samples: copies counted by forget_nn that forget_distance misses, with their RMS distances."""
-    from siss_fast.engine.validation import _rms_distances, forget_thresholds
+    from siss_fast.metrics.distances import forget_thresholds, rms_distances
     from siss_fast.metrics.forget_signal import item_radii, nearest_item
 
     forget, retain = ctx.forget_images, ctx.retain_images
     half, radii = forget_thresholds(forget, retain), item_radii(forget, retain)
     per_step, missed = [], []
     for step, s in zip(steps, dumps):
-        d = _rms_distances(s, forget)
+        d = rms_distances(s, forget)
         fd_hit = (d < half[None]).any(1)
         nn = nearest_item(s, forget, retain, radii)
         nn_free = nearest_item(s, forget, retain, torch.full_like(radii, float("inf")))

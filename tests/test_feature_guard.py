@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
 from siss_fast.demo.data import demo_data, to_unit  # noqa: E402
-from siss_fast.engine.validation import MetricContext, build_metrics, get_metric  # noqa: E402
+from siss_fast.metrics.registry import MetricContext, build_metrics, get_metric  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,9 @@ def test_forget_nn_counts_exact_and_degraded_copies_per_item(setting):
     gen = torch.Generator().manual_seed(1)
     # degraded: blurred, dimmed, noised copies (RMS 0.2-0.3 from the item: outside forget_distance's auto radius)
     degraded = (0.75 * _blur(forget) + 0.1 + 0.12 * torch.randn(forget.shape, generator=gen)).clamp(0, 1)
-    from siss_fast.engine.validation import _rms_distances, forget_thresholds
+    from siss_fast.metrics.distances import forget_thresholds, rms_distances
 
-    gap = _rms_distances(degraded, forget).diagonal()
+    gap = rms_distances(degraded, forget).diagonal()
     assert (gap > forget_thresholds(forget, retain)).all()  # forget_distance's radius misses them ...
     assert fd(degraded) == 0.0
     samples = torch.cat([forget[:1].repeat(3, 1, 1, 1), degraded[:1], forget[1:], degraded[1:].repeat(2, 1, 1, 1),

@@ -29,7 +29,7 @@ from typing import Any, List
 import torch
 from torch import Tensor
 
-from .distances import forget_thresholds, rms_distances as _rms_distances
+from .distances import forget_thresholds, rms_distances
 from .registry import MetricContext, register_metric
 
 __all__ = ["nearest_item", "item_radii"]
@@ -37,7 +37,7 @@ __all__ = ["nearest_item", "item_radii"]
 
 def item_radii(forget: Tensor, retain: Tensor, radius: Any = "auto", radius_scale: float = 1.0) -> Tensor:
     """``(K,)`` fp64 radius of each forget item: ``radius_scale x`` (``auto``: the item's RMS distance to its nearest
-    retain image, i.e. twice :func:`siss_fast.engine.validation.forget_thresholds`; a number: that radius)."""
+    retain image, i.e. twice :func:`siss_fast.metrics.distances.forget_thresholds`; a number: that radius)."""
     if radius == "auto":
         return radius_scale * 2 * forget_thresholds(forget, retain, "auto")
     return radius_scale * forget_thresholds(forget, retain, radius)
@@ -48,11 +48,11 @@ def nearest_item(samples: Tensor, forget: Tensor, retain: Tensor, radii: Tensor,
 
     ``samples`` ``(N, C, H, W)``, ``forget`` ``(K, C, H, W)``, ``retain`` ``(M, C, H, W)``, all in ``[0, 1]``;
     ``radii`` ``(K,)``. The retain distances are taken ``chunk`` retain images at a time (memory ``N x chunk``)."""
-    d_forget = _rms_distances(samples, forget)  # (N, K)
+    d_forget = rms_distances(samples, forget)  # (N, K)
     d_item, item = d_forget.min(dim=1)
     d_retain = torch.full_like(d_item, float("inf"))
     for start in range(0, retain.shape[0], chunk):
-        d_retain = torch.minimum(d_retain, _rms_distances(samples, retain[start:start + chunk]).min(dim=1).values)
+        d_retain = torch.minimum(d_retain, rms_distances(samples, retain[start:start + chunk]).min(dim=1).values)
     hit = (d_item < d_retain) & (d_item <= radii.to(d_item)[item])
     return torch.where(hit, item, torch.full_like(item, -1))
 
