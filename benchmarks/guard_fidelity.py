@@ -41,6 +41,7 @@ __all__ = ["GUARDS", "VARIANT_TS", "VARIANT_BLOCKS", "run", "analyze_run", "trip
 
 GUARDS = {"feature_fd": 0.15, "feature_kid": None, "retain_distance": 0.15}  # name -> default tolerance
 CLASSIFIER_FRACTION = 0.97
+OTHER_FRACTIONS = (0.95, 0.9)  # tolerance windows for looser classifier bars too
 VARIANT_TS = (20, 100, 300)
 VARIANT_BLOCKS = {"down0": ["down0"], "down1": ["down1"], "down2": ["down2"], "mid": ["mid"],
                   "down1+down2+mid": ["down1", "down2", "mid"], "all": ["down0", "down1", "down2", "mid"]}
@@ -51,8 +52,10 @@ def _run_dir(out: Path, exp: str, lr: float) -> Path:
     return Path(out) / f"{exp}-lr{lr:g}"
 
 
-def run(exp: str, out: Path, lr: float = 6e-4, steps: int = 300, every: int = 10, samples: int = 512) -> Path:
-    """One over-trained engine run of ``exp``; returns its folder (``out/EXP-lrLR``)."""
+def run(exp: str, out: Path, lr: float = 6e-4, steps: int = 300, every: int = 10, samples: int = 512,
+        models: Optional[Path] = None) -> Path:
+    """One over-trained engine run of ``exp``; returns its folder (``out/EXP-lrLR``). The base model:
+    ``planted.model_dir(exp, models)`` (``models/EXP/model`` when built there by ``planted.py build``)."""
     import siss_fast.metrics  # noqa: F401  (registers the metrics)
     from planted import model_dir
     from planted_data import write_experiment_folders
@@ -76,7 +79,7 @@ def run(exp: str, out: Path, lr: float = 6e-4, steps: int = 300, every: int = 10
     folders = write_experiment_folders(exp, folder / "data")
     start = time.perf_counter()
     result = unlearn({
-        "model": {"path": str(model_dir(exp))},
+        "model": {"path": str(Path(model_dir(exp, models)).resolve())},
         "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},
         "train": {"steps": steps, "device": "cpu", "lr": lr, "cpu_threads": 1},
         "validation": {"every": every, "num_samples": samples, "stop_on_target": False, "stop_on_guard": False,
@@ -119,7 +122,14 @@ def _guard_summary(steps: List[int], values: List[float], quality: List[float], 
     return {"spearman": float(spearmanr([-v for v in values], quality).statistic),
             "tolerance": tol, "trip_step": steps[trip] if trip is not None else None,
             "trip_within_one_check": (trip is not None and c is not None and abs(trip - c) <= 1) if tol else None,
-            "tolerance_window": tolerance_window(rel, c), "relative": [round(r, 4) for r in rel]}
+            "tolerance_window": tolerance_window(rel, c), "relative": [round(r, 4) for r in rel],
+            "tolerance_window_by_fraction": {str(f): tolerance_window(rel, _first_below(quality, f))
+                                             for f in OTHER_FRACTIONS}}
+
+
+def _first_below(quality: List[float], fraction: float) -> Optional[int]:
+    """Index of the first validation (after step 0) whose classifier score is below ``fraction`` x step 0's."""
+    return next((j for j in range(1, len(quality)) if quality[j] < fraction * quality[0]), None)
 
 
 def _context(folder: Path):
@@ -161,7 +171,7 @@ def _variants(ctx, dumps: List[torch.Tensor]) -> Dict[str, List[float]]:
     return out
 
 
-def _forget_signals(ctx, dumps: List[torch.Tensor], steps: List[int]) -> Dict:
+def _forget_signals(ctx, dumps: List[torch.Tensor], steps: List[int], grid: Optional[Path] = None) -> Dict:
     """Per step: shares counted by forget_distance (auto radius), forget_nn, and the uncapped NN rule; over all
     saved samples: copies counted by forget_nn that forget_distance misses, with their RMS distances."""
     from siss_fast.metrics.distances import forget_thresholds, rms_distances
@@ -169,7 +179,7 @@ def _forget_signals(ctx, dumps: List[torch.Tensor], steps: List[int]) -> Dict:
 
     forget, retain = ctx.forget_images, ctx.retain_images
     half, radii = forget_thresholds(forget, retain), item_radii(forget, retain)
-    per_step, missed = [], []
+    per_step, missed, images = [], [], []
     for step, s in zip(steps, dumps):
         d = rms_distances(s, forget)
         fd_hit = (d < half[None]).any(1)
@@ -181,7 +191,12 @@ def _forget_signals(ctx, dumps: List[torch.Tensor], steps: List[int]) -> Dict:
                          "nn_uncapped": float((nn_free >= 0).double().mean())})
         gap = (nn >= 0) & ~fd_hit
         missed += [round(float(d[i, nn[i]]), 4) for i in torch.nonzero(gap).flatten().tolist()]
+        images.append(s[gap])
     total = sum(s.shape[0] for s in dumps)
+    if grid is not None and missed:  # the missed copies, then the forget items
+        from siss_fast.engine.validation import save_grid
+
+        save_grid(torch.cat(images + [forget]), grid)
     return {"radius_forget_distance": half.tolist(), "radius_forget_nn": radii.tolist(), "per_step": per_step,
             "all_samples": total, "counted_by_forget_nn_missed_by_forget_distance": len(missed),
             "their_rms_to_item": sorted(missed)}
@@ -199,21 +214,37 @@ def analyze_run(folder: Path, variants: bool = True) -> Dict:
     readings = {k: [r["validation"][k] for r in rows] for k in rows[0]["validation"] if not k.startswith("_")}
     dumps = [torch.load(p) for p in sorted((folder / "samples_pt").glob("v*.pt"))][:len(steps)]
     ctx = _context(folder)
-    if "feature_fd" not in readings:  # runs made before the metrics existed: the same functions on the same samples
-        from siss_fast.engine.validation import build_metrics
+    from siss_fast.metrics.registry import build_metrics
 
-        fns = build_metrics(["feature_fd", "feature_kid", "forget_nn"], ctx, {})
-        for name, fn in fns.items():
-            readings[name] = [float(fn(s)) for s in dumps]
+    fns = build_metrics(["feature_fd", "feature_kid", "forget_nn", "retain_distance"], ctx, {})
+    if "feature_fd" not in readings:  # runs made before the metrics existed: the same functions on the same samples
+        for name in ("feature_fd", "feature_kid", "forget_nn"):
+            readings[name] = [float(fns[name](s)) for s in dumps]
+    timing = {}  # seconds per validation call on this machine's one thread (step 0's samples)
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn(dumps[0])
+        timing[name] = round(time.perf_counter() - start, 3)
     quality = readings["classifier_quality"]
-    below = [j for j in range(1, len(quality)) if quality[j] < CLASSIFIER_FRACTION * quality[0]]
-    c = below[0] if below else None
+    c = _first_below(quality, CLASSIFIER_FRACTION)
     guards = {name: _guard_summary(steps, readings[name], quality, tol, c) for name, tol in GUARDS.items()}
+    from scipy.stats import spearmanr
+
+    judge = build_metrics(["classifier_quality"], ctx, {})["classifier_quality"]
+    halves = [[judge(s[h::2]) for s in dumps] for h in (0, 1)]
+    ceiling = {"classifier_split_half_spearman": float(spearmanr(*halves).statistic),
+               "note": "Spearman of classifier_quality on the even vs the odd half of each step's samples: how well "
+                       "the judge orders the checkpoints against itself at half the samples (a noise ceiling)"}
     out = {"folder": str(folder), "run": json.loads((folder / "fidelity-run.json").read_text())
            if (folder / "fidelity-run.json").is_file() else None,
            "steps": steps, "readings": {k: [round(v, 6) for v in vs] for k, vs in readings.items()},
-           "classifier_97_step": steps[c] if c is not None else None, "guards": guards,
-           "default_feature_options": DEFAULT_OPTIONS, "forget_signals": _forget_signals(ctx, dumps, steps)}
+           "classifier_97_step": steps[c] if c is not None else None,
+           "classifier_step_by_fraction": {str(f): (steps[j] if j is not None else None) for f in OTHER_FRACTIONS
+                                           for j in [_first_below(quality, f)]},
+           "guards": guards, "judge_noise": ceiling, "seconds_per_validation": timing,
+           "samples_per_validation": int(dumps[0].shape[0]),
+           "default_feature_options": DEFAULT_OPTIONS,
+           "forget_signals": _forget_signals(ctx, dumps, steps, folder / "forget-nn-missed.png")}
     if variants:
         out["variants"] = {name: {**_guard_summary(steps, vals, quality, None, c),
                                   "readings": [round(v, 6) for v in vals]}
@@ -239,7 +270,8 @@ def plot(results: List[Dict], path: Path) -> None:
         for name, color in (("feature_fd", "tab:red"), ("feature_kid", "tab:orange"), ("retain_distance", "tab:blue")):
             g = res["readings"][name]
             twin.plot(steps, [v / g[0] for v in g], color=color, marker=".", label=f"{name} / step 0 (right)")
-        twin.set_ylabel("guard / its step-0 value (lower = better)")
+        twin.set_yscale("log")
+        twin.set_ylabel("guard / its step-0 value (log; lower = better)")
         run = res.get("run") or {}
         ax.set_title(f"{run.get('experiment', Path(res['folder']).name)} lr {run.get('lr', '?')}: Spearman "
                      + ", ".join(f"{k} {v['spearman']:.2f}" for k, v in res["guards"].items()), fontsize=8)
@@ -260,6 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--steps", type=int, default=300)
     r.add_argument("--every", type=int, default=10)
     r.add_argument("--samples", type=int, default=512)
+    r.add_argument("--models", type=Path, default=Path("runs/planted"), help="where planted.py build put models")
     a = sub.add_parser("analyze")
     a.add_argument("folders", type=Path, nargs="+")
     a.add_argument("--json", type=Path, default=RESULTS / "guard-fidelity.json")
@@ -267,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.add_argument("--no-variants", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "run":
-        print(run(args.exp, args.out, args.lr, args.steps, args.every, args.samples))
+        print(run(args.exp, args.out, args.lr, args.steps, args.every, args.samples, args.models))
         return 0
     results = [analyze_run(f, not args.no_variants) for f in args.folders]
     args.json.parent.mkdir(parents=True, exist_ok=True)
