@@ -158,8 +158,8 @@ def run_experiment(exp: str, out: Path, budget: int = 200, overrides: Sequence[s
         wall = time.perf_counter() - t0
     timing = _steps_time(run_dir)
     before_path = root / "base_eval.json"
-    if before_path.is_file() and json.loads(before_path.read_text()).get("samples") == samples:
-        before = json.loads(before_path.read_text())
+    if before_path.is_file() and json.loads(before_path.read_text()).get("samples", 0) >= samples:
+        before = json.loads(before_path.read_text())  # the base model's evaluation (same seed; >= samples)
     else:
         before = evaluate(base, exp, samples=samples, seed=seed)
         before_path.write_text(json.dumps(before, indent=2) + "\n")
