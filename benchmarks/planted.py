@@ -128,6 +128,22 @@ def _timed_validator(clock: Dict[str, float]):
         cls.__call__ = original
 
 
+def _git_state() -> str:
+    """``HEAD`` commit, plus ``+dirty: FILES`` when engine or metrics files differ from it (what the run used)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "siss_fast/engine", "siss_fast/metrics"],
+                               cwd=repo, capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    files = [line[3:] for line in dirty if line.strip()]
+    return head + (f" +dirty: {', '.join(files)}" if files else "")
+
+
 def run_experiment(exp: str, out: Path, budget: int = 200, overrides: Sequence[str] = (), samples: int = 2000,
                    seed: int = 1000003) -> Dict:
     """Run the engine with its defaults (only model, data, budget, ``train.cpu_threads: 1``, CPU, no progress
@@ -163,10 +179,11 @@ def run_experiment(exp: str, out: Path, budget: int = 200, overrides: Sequence[s
     else:
         before = evaluate(base, exp, samples=samples, seed=seed)
         before_path.write_text(json.dumps(before, indent=2) + "\n")
-    after = evaluate(Path(result.final_dir), exp, samples=samples, seed=seed)
+    after = evaluate(Path(result.final_dir), exp, samples=samples, seed=seed, histogram=True)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     record = {
         "experiment": exp, "budget": budget, "overrides": list(overrides), "base_model": str(base),
+        "git": _git_state(), "samples_before": before["samples"], "samples_after": after["samples"],
         "stop_reason": result.stop_reason, "stop_step": result.steps_done, "kept_step": result.kept_step,
         "final_from": manifest["final_model"]["from"],
         "engine_metrics_before": manifest.get("metrics_before"), "engine_metrics_after": manifest.get("metrics_after"),
@@ -186,6 +203,15 @@ def run_experiment(exp: str, out: Path, budget: int = 200, overrides: Sequence[s
     return record
 
 
+def _engine_forget(rec: Dict) -> str:
+    """``name a -> b`` of the engine's forget metric at step 0 and at the kept step (from its manifest)."""
+    name = rec["config"]["validation"]["forget_metric"] if "config" in rec else None
+    before, after = rec.get("engine_metrics_before") or {}, rec.get("engine_metrics_after") or {}
+    if name not in before or name not in after:
+        return "-"
+    return f"{name} {before[name]:.4f} -> {after[name]:.4f}"
+
+
 def report(out: Path, dest: Path) -> Dict:
     """Collect ``out/*/result.json`` into ``dest`` (JSON, without configs and histograms) and ``dest`` with
     ``.md`` (one row per experiment)."""
@@ -195,16 +221,18 @@ def report(out: Path, dest: Path) -> Dict:
         rec["per_item"] = {name: {"before": rec["evaluation"]["before"]["per_item"][name]["rate"],
                                   "after": rec["evaluation"]["after"]["per_item"][name]["rate"]}
                            for name in rec["evaluation"]["before"]["per_item"]}
+        rec["engine_forget"] = _engine_forget(rec)
         rows[rec["experiment"]] = {k: v for k, v in rec.items() if k not in ("config", "evaluation")}
-    lines = ["| experiment | items (share each) | stop rule (step) | kept step | forget rate before -> after "
-             "(capped) | per item after | quality before -> after (ratio) | wall s | validation share |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | items (share each) | stop rule (step) | kept step | engine's forget metric before -> "
+             "kept | judge: forget rate before -> after (capped) | per item after | quality before -> after (ratio) | "
+             "wall s | validation share |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         spec = EXPERIMENTS[name]
         items = ", ".join(f"{k} {v['after']:.4f}" for k, v in r["per_item"].items())
         lines.append(
             f"| {name} | {' + '.join(spec.items)} ({100 * duplication(spec)[0]:.1f} %, {spec.kind}) | "
-            f"{r['stop_reason']} ({r['stop_step']}) | {r['kept_step']} | {r['forget_rate_before']:.4f} -> "
+            f"{r['stop_reason']} ({r['stop_step']}) | {r['kept_step']} | {r['engine_forget']} | "
+            f"{r['forget_rate_before']:.4f} -> "
             f"{r['forget_rate_after']:.4f} ({r['forget_rate_capped_before']:.4f} -> "
             f"{r['forget_rate_capped_after']:.4f}) | {items} | {r['quality_before']:.3f} -> "
             f"{r['quality_after']:.3f} ({r['quality_ratio']:.3f}) | {r['wall_s']} | {r['validation_share']:.2f} |")

@@ -30,7 +30,7 @@ def test_glyphs_distinct():
 
 
 def test_duplication_levels_match_table():
-    expected = {"demo": (0.04, 0.04, 1), "checker1": (0.01, 0.01, 1), "near3": (0.03, 0.03, 1),
+    expected = {"demo": (0.04, 0.04, 1), "checker1": (0.01, 0.01, 1), "checker3": (0.03, 0.03, 1), "near3": (0.03, 0.03, 1),
                 "five10": (0.02, 0.10, 5)}
     assert set(expected) <= set(PD.EXPERIMENTS)
     for name, (each, total, k) in expected.items():
