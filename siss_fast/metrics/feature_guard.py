@@ -41,10 +41,10 @@ checker1 at 6e-4): Spearman of ``-feature_fd`` with ``classifier_quality`` over 
 0.76 / 0.43 (the classifier against itself, even vs odd half of the samples: 0.73 / 0.55 / 0.86 / 0.86;
 ``retain_distance``: 0.55 / -0.21 / -0.10 / 0.39); with tolerance 0.15 it trips at the classifier's first check
 below 97 % of its baseline in all four. Of the variants tried (blocks ``down0..mid`` and combinations, t in {20,
-100, 300}, FD / KID, the mean
-eps-prediction error), ``mid`` at t = 100 with mean+std pooling had the best mean Spearman.
+100, 300}, FD / KID, the mean eps-prediction error), ``mid`` at t = 100 with mean+std pooling had the best mean
+Spearman (0.60; next best 0.52).
 
-Options (``validation.metric_options.feature_fd``; the defaults were chosen on the demo by
+Options (``validation.metric_options.feature_fd``; the defaults were chosen on these runs by
 ``benchmarks/guard_fidelity.py``): ``t`` (default 100), ``blocks`` (default ``[mid]``), ``pool`` (``meanstd``),
 ``seed`` (0), ``batch_size`` (64), ``max_retain`` (2048: a fixed random subset of larger retain sets),
 ``exclude_forget`` (true).
