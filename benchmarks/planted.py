@@ -6,7 +6,7 @@
     python benchmarks/planted.py report DIR [--dest benchmarks/results/planted-defaults-before.json]
     python benchmarks/planted.py table                                           # the experiments (JSON)
 
-``EXP`` is a key of :data:`planted_data.EXPERIMENTS` (``demo``, ``checker1``, ``near3``, ``five10``).
+``EXP`` is a key of :data:`planted_data.EXPERIMENTS` (``demo``, ``checker1``, ``checker3``, ``near3``, ``five10``).
 Layout under ``DIR/EXP/``: ``retain/NNNN.png`` (1,797 digits), ``forget/forget_KKK.png`` (one PNG per distinct
 forget item: the engine samples with replacement, so one file stands for all its copies, as in the demo),
 ``model/`` (a diffusers ``DDPMPipeline`` folder + ``pretrain.json``), ``run/`` (the engine's run folder),
