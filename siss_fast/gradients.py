@@ -1,31 +1,18 @@
-"""Combining the retain and forget gradients once per optimizer step (SPEC §6).
+"""Combining the retain and forget gradients once per optimizer step (SPEC §6): :class:`GradientCombiner`.
 
 Every method of SPEC §5 yields a *retain* term (gradient ``G_x``) and a *positive* forget term (gradient ``G_a``),
 each summed over the micro-batches of one optimizer step (and over data-parallel ranks). The step direction is
+``G = G_x + f * G_a`` with the signed *forget coefficient* ``f`` of the rule (``rescale``, ``clip`` or
+``erasediff``; ``c`` is ``scaling_norm``), then ``G`` is clipped to ``max_grad_norm`` exactly as
+:func:`torch.nn.utils.clip_grad_norm_` does. The formulas and their stabilisation (the ``max_forget_scale`` cap,
+the forget part dropped when ``||G_a||`` is zero or non-finite, ``scaling_norm="auto"``) are stated in
+:mod:`siss_fast.gradient_rules`, which computes them; capped and dropped steps are counted (``capped_steps``,
+``dropped_forget_steps``), ``auto``'s ``c`` is :attr:`GradientCombiner.scaling_norm`, saved by
+:meth:`GradientCombiner.state_dict`.
 
-* ``rescale`` (research code):  ``G = G_x - s * G_a``,  ``s = c / ||G_a||``           (forget part has norm ``c``)
-* ``clip``:                     ``G = G_x - s * G_a``,  ``s = min(1, c / ||G_a||)``    (only ever shrinks it)
-* ``erasediff``:                ``G = G_x + s * G_a``,  ``s = max(eta - <G_x, G_a> / ||G_a||^2, 0)``
-
-written uniformly as ``G = G_x + f * G_a`` with the signed *forget coefficient* ``f`` (``f = -s`` for rescale/clip,
-``f = s`` for erasediff); ``c`` is ``scaling_norm``. Then ``G`` is clipped to ``max_grad_norm`` exactly as
-:func:`torch.nn.utils.clip_grad_norm_` does: ``G <- G * min(1, max_grad_norm / (||G|| + 1e-6))``.
-
-Stabilisation:
-
-* ``|f| <= max_forget_scale`` (default ``1e4``; ``None`` disables). The cap only engages when ``||G_a||`` has all
-  but vanished (``||G_a|| < c / 1e4`` for rescale): the forget gradient is then mostly rounding noise (fp32 keeps
-  ~7 digits, so a 1e4 amplification still leaves it ~1e-3 accurate) and rescaling it to norm ``c`` would turn
-  noise into a full-size step. Capped steps are counted (``capped_steps``).
-* ``||G_a||`` zero or non-finite: the forget part is dropped for the step (``f = 0``), counted in
-  ``dropped_forget_steps``. A NaN forget loss therefore costs one forget update, not the step.
-* ``||G||`` non-finite: the step is *skipped*: every ``.grad`` is set to ``None`` (nothing can reach the weights
-  even if the caller steps anyway), :attr:`StepInfo.skipped` is True so the caller skips ``optimizer.step()``,
-  counted in ``skipped_steps``.
-* ``scaling_norm="auto"``: ``c = 0.1 * median ||G_x||`` over the first ``auto_steps`` steps that have a finite,
-  non-zero ``G_x`` (the running median until then), then fixed (exposed as :attr:`GradientCombiner.scaling_norm`,
-  saved by :meth:`GradientCombiner.state_dict`). One batch's ``||G_x||`` moves by ~20 % between seeds; the median
-  of 8 (the engine's default ``gradient.auto_steps``) by a few per cent.
+``||G||`` non-finite: the step is *skipped*: every ``.grad`` is set to ``None`` (nothing can reach the weights even
+if the caller steps anyway), :attr:`StepInfo.skipped` is True so the caller skips ``optimizer.step()``, counted in
+``skipped_steps``.
 
 Modes and memory (a "buffer" is one extra parameter-sized set of tensors, beyond ``.grad`` itself):
 
@@ -70,22 +57,18 @@ plugs in without changing this module.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .gradient_rules import RULES, auto_scaling_norm, clip_factor, forget_coef, positive_finite
+from .gradient_tensors import Term, average_over_ranks, check_term, global_dot, global_norm, run_term, scaled
+
 __all__ = ["RULES", "MODES", "StepInfo", "GradientCombiner"]
 
-RULES = ("rescale", "clip", "erasediff")
 MODES = ("exact", "lagged")
-
-Term = Union[Tensor, Callable[[float], None]]
-
-# Same epsilon as torch.nn.utils.clip_grad_norm_, so clipping matches it bit for bit.
-_CLIP_EPS = 1e-6
 
 
 @dataclass
@@ -115,12 +98,8 @@ class StepInfo:
         return asdict(self)
 
 
-def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 class GradientCombiner:
-    """Combine retain and forget gradients per SPEC §6; see the module docstring for formulas, modes and memory.
+    """Combine retain and forget gradients per SPEC §6; see the module docstring for modes and memory.
 
     Usage, once per optimizer step::
 
@@ -161,10 +140,10 @@ class GradientCombiner:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if rule != "erasediff":
-            if scaling_norm != "auto" and not _positive_finite(scaling_norm):
+            if scaling_norm != "auto" and not positive_finite(scaling_norm):
                 raise ValueError(f"scaling_norm: expected a finite float > 0 or 'auto', got {scaling_norm!r}")
         for name, value in (("max_forget_scale", max_forget_scale), ("max_grad_norm", max_grad_norm)):
-            if value is not None and not _positive_finite(value):
+            if value is not None and not positive_finite(value):
                 raise ValueError(f"{name}: expected a finite float > 0 or None, got {value!r}")
         for name, value in (("lag_every", lag_every), ("accumulation_steps", accumulation_steps),
                             ("auto_steps", auto_steps)):
@@ -231,7 +210,7 @@ class GradientCombiner:
             raise ValueError("backward: expected retain_loss, forget_loss or both, got neither")
         for name, term in (("retain_loss", retain_loss), ("forget_loss", forget_loss)):
             if term is not None:
-                _check_term(name, term)
+                check_term(name, term)
         if self._micro == 0:
             self._begin_step(has_retain, has_forget)
         elif (has_retain, has_forget) != (self._has_retain, self._has_forget):
@@ -274,7 +253,7 @@ class GradientCombiner:
             self._clear_grads()
             self.skipped_steps += 1
         elif self.max_grad_norm is not None:
-            clip_coef = min(1.0, self.max_grad_norm / (total + _CLIP_EPS))
+            clip_coef = clip_factor(self.max_grad_norm, total)
             if clip_coef < 1.0:
                 grads = [p.grad for p in self.params if p.grad is not None]
                 torch._foreach_mul_(grads, clip_coef)
@@ -383,7 +362,7 @@ class GradientCombiner:
     def _backward_direct(self, retain: Optional[Term], forget: Optional[Term]) -> None:
         """No buffer: G_a into .grad, scale in place by f, G_x accumulated on top (accumulation_steps == 1)."""
         if forget is not None:
-            _run_term(forget, 1.0, retain_graph=retain is not None)
+            run_term(forget, 1.0, retain_graph=retain is not None)
             if self.average_grads:
                 self._average_over_ranks(None)
             norm_a = self._global_norm([p.grad for p in self.params if p.grad is not None])
@@ -395,35 +374,35 @@ class GradientCombiner:
             elif grads:
                 torch._foreach_mul_(grads, self._coef)
         if retain is not None:
-            _run_term(retain, 1.0, retain_graph=False)
+            run_term(retain, 1.0, retain_graph=False)
 
     def _backward_buffered(self, retain: Optional[Term], forget: Optional[Term]) -> None:
         """One buffer: the forget backward accumulates into the buffer (swapped into .grad), G_x into .grad."""
         if forget is not None:
             if self._buffer is None:
-                _run_term(forget, 1.0, retain_graph=retain is not None)
+                run_term(forget, 1.0, retain_graph=retain is not None)
             else:
                 self._swap_buffer()
                 try:
-                    _run_term(forget, 1.0, retain_graph=retain is not None)
+                    run_term(forget, 1.0, retain_graph=retain is not None)
                 finally:
                     self._swap_buffer()
                 self.peak_extra_buffers = max(self.peak_extra_buffers, self.extra_buffers)
         if retain is not None:
-            _run_term(retain, 1.0, retain_graph=False)
+            run_term(retain, 1.0, retain_graph=False)
 
     def _backward_lagged(self, retain: Optional[Term], forget: Optional[Term]) -> None:
         """Approximation: one backward of ``retain + f_last * forget`` (two if a term is a callable)."""
         f = self._lagged_coef
         if isinstance(retain, Tensor) and isinstance(forget, Tensor):
-            total = _scaled(retain, 1.0) + _scaled(forget, f)
+            total = scaled(retain, 1.0) + scaled(forget, f)
             if total.requires_grad:
                 total.backward()
             return
         if forget is not None:
-            _run_term(forget, f, retain_graph=retain is not None)
+            run_term(forget, f, retain_graph=retain is not None)
         if retain is not None:
-            _run_term(retain, 1.0, retain_graph=False)
+            run_term(retain, 1.0, retain_graph=False)
 
     def _combine_buffered(self) -> None:
         """Buffered path at the end of the step: measure, set ``c`` if auto, ``.grad += f * G_a``."""
@@ -432,7 +411,7 @@ class GradientCombiner:
             self._norm_x = self._global_norm([p.grad for p in self.params if p.grad is not None])
             if self._auto_measuring and math.isfinite(self._norm_x) and self._norm_x > 0:
                 self._auto_norms.append(self._norm_x)
-                self._c = 0.1 * statistics.median(self._auto_norms)
+                self._c = auto_scaling_norm(self._auto_norms)
         if not self._has_forget:
             return
         if swapped:
@@ -442,7 +421,7 @@ class GradientCombiner:
         forget_grads = [b for _, b in pairs]
         self._norm_a = self._global_norm(forget_grads)
         dot = None
-        if self.rule == "erasediff" and self._has_retain and _positive_finite(self._norm_a):
+        if self.rule == "erasediff" and self._has_retain and positive_finite(self._norm_a):
             dot = self._global_dot([p.grad for p, _ in pairs], forget_grads)
         self._coef, self._capped, self._dropped = self._forget_coef(self._norm_a, dot)
         if swapped:
@@ -458,77 +437,22 @@ class GradientCombiner:
         elif forget_grads:
             torch._foreach_mul_(forget_grads, self._coef)
 
-    # ------------------------------------------------------------------ formulas and helpers
+    # ------------------------------------------------------------------ formulas and reductions (delegated)
 
     def _forget_coef(self, norm_a: float, dot: Optional[float]):
-        """Signed f of ``G = G_x + f * G_a``, and (capped, dropped). ``dot`` = <G_x, G_a> (None means 0)."""
-        if not _positive_finite(norm_a):
-            return 0.0, False, True
-        if self.rule == "erasediff":
-            scale = max(self.eta - (dot or 0.0) / (norm_a * norm_a), 0.0)
-        elif self._c is None:  # auto could not measure c (G_x zero): no forget update this step
-            return 0.0, False, True
-        elif self.rule == "rescale":
-            scale = self._c / norm_a
-        else:  # clip
-            scale = min(1.0, self._c / norm_a)
-        capped = self.max_forget_scale is not None and scale > self.max_forget_scale
-        if capped:
-            scale = self.max_forget_scale
-        return (scale if self.rule == "erasediff" else -scale), capped, False
+        """Signed f of ``G = G_x + f * G_a``, and (capped, dropped): :func:`~siss_fast.gradient_rules.forget_coef`."""
+        return forget_coef(self.rule, norm_a, dot, scaling_norm=self._c, eta=self.eta,
+                           max_forget_scale=self.max_forget_scale)
 
     def _global_norm(self, tensors: Sequence[Tensor]) -> float:
-        """``sqrt(sum_p ||t_p||^2)`` accumulated in fp32 (fp64 if any tensor is fp64), over ranks if sharded."""
-        if not tensors:
-            sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device)
-        else:
-            acc = _accumulation_dtype(tensors)
-            groups: Dict[Any, List[Tensor]] = {}
-            for t in tensors:
-                groups.setdefault((t.device, t.dtype), []).append(t)
-            device = tensors[0].device
-            parts = [_sum_of_squares(group, acc).to(device) for group in groups.values()]
-            sq = torch.stack(parts).sum()
-        sq = self._all_reduce(sq)
-        return math.sqrt(sq.item())
+        return global_norm(tensors, self.params[0].device, distributed=self.distributed_norm,
+                           group=self.process_group)
 
     def _global_dot(self, xs: Sequence[Optional[Tensor]], ys: Sequence[Tensor]) -> float:
-        """``<x, y> = sum_p sum_i x_p,i * y_p,i`` (a missing ``x_p`` counts as zero)."""
-        acc = _accumulation_dtype(ys)
-        total = torch.zeros((), dtype=acc, device=ys[0].device if ys else None)
-        for x, y in zip(xs, ys):
-            if x is not None:
-                total += torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)).to(total.device)
-        return self._all_reduce(total).item()
+        return global_dot(xs, ys, distributed=self.distributed_norm, group=self.process_group)
 
     def _average_over_ranks(self, slots: Optional[List[Optional[Tensor]]]) -> None:
-        """Average ``slots`` (the buffer) or, for ``None``, every ``p.grad`` over ``process_group`` in place.
-
-        A missing gradient becomes zeros first: every rank must enter the same all-reduces.
-        """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        dist = torch.distributed
-        world = dist.get_world_size(self.process_group)
-        tensors = []
-        for i, p in enumerate(self.params):
-            if slots is None:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                tensors.append(p.grad)
-            else:
-                if slots[i] is None:
-                    slots[i] = torch.zeros_like(p)
-                tensors.append(slots[i])
-        works = [dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True) for t in tensors]
-        for work in works:
-            work.wait()
-        torch._foreach_div_(tensors, float(world))
-
-    def _all_reduce(self, value: Tensor) -> Tensor:
-        if self.distributed_norm and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM, group=self.process_group)
-        return value
+        average_over_ranks(self.params, slots, self.process_group)
 
     def _swap_buffer(self) -> None:
         buffer = self._buffer
@@ -538,41 +462,3 @@ class GradientCombiner:
     def _clear_grads(self) -> None:
         for p in self.params:
             p.grad = None
-
-
-def _sum_of_squares(tensors: List[Tensor], acc: torch.dtype) -> Tensor:
-    """``sum_p ||t_p||^2`` in dtype ``acc`` for tensors sharing one device and dtype (one fused launch if possible)."""
-    try:
-        norms = torch._foreach_norm(tensors, 2.0, dtype=acc)
-    except (AttributeError, TypeError, RuntimeError):  # older torch: no fused norm with a dtype argument
-        norms = [torch.linalg.vector_norm(t, dtype=acc) for t in tensors]
-    return torch.stack(norms).square().sum()
-
-
-def _positive_finite(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
-
-
-def _scaled(loss: Tensor, weight: float) -> Tensor:
-    return loss if weight == 1.0 else loss * weight
-
-
-def _check_term(name: str, term: Any) -> None:
-    if isinstance(term, Tensor):
-        if term.numel() != 1:
-            raise ValueError(f"{name}: expected a scalar tensor, got shape {tuple(term.shape)}")
-        if not term.is_floating_point():
-            raise TypeError(f"{name}: expected a floating dtype, got {term.dtype}")
-    elif not callable(term):
-        raise TypeError(f"{name}: expected a scalar Tensor or a callable(weight), got {type(term).__name__}")
-
-
-def _run_term(term: Term, weight: float, retain_graph: bool) -> None:
-    """Accumulate ``weight * d(term)/d(params)`` into ``.grad``. A loss that does not require grad adds nothing."""
-    if isinstance(term, Tensor):
-        if term.requires_grad:
-            _scaled(term, weight).backward(retain_graph=retain_graph)
-    else:
-        term(weight)

@@ -18,7 +18,9 @@ A config file is a YAML mapping with the sections below (every key optional exce
 
 Overrides are dotted keys (``train.lr=1e-4``) with YAML-parsed values; shortcuts: ``model=PATH``, ``steps=N``,
 ``output_dir=PATH``, ``checkpoint_every=N``, ``resume=latest``, ``method=NAME``, ``batch_size=N``, ``lr=X``.
-Every violation raises :class:`ConfigError` naming the key (or the file) and what is valid.
+Every violation raises :class:`ConfigError` naming the key (or the file) and what is valid. This module holds the
+schema (the dataclasses below), loading and validation; checking values against the annotations is the generic
+layer in :mod:`siss_fast.engine.config_types`.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ import dataclasses
 import json
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from .config_types import build_dataclass, merge_mappings
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "EngineConfig", "load_config", "parse_overrides", "to_dict", "SHORTCUTS", "KIND_DEFAULTS",
@@ -188,77 +190,7 @@ class EngineConfig:
     config_dir: str = field(default=".", metadata={"internal": True})  # relative paths resolve against it
 
 
-# ------------------------------------------------------------------------------------------ parsing and types
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, List):
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin in (dict, Dict):
-        return "a mapping"
-    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats); raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin is Union:
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-    elif origin in (list, List):
-        if isinstance(value, (list, tuple)):
-            (inner,) = typing.get_args(tp)
-            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    elif origin in (dict, Dict):
-        if isinstance(value, dict):
-            return dict(value)
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if dataclasses.is_dataclass(cls) and not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"{full}: unknown key; valid keys{' of ' + prefix[:-1] if prefix else ''}: "
-                              f"{', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{full}.")
-        else:
-            kwargs[key] = _coerce(full, value, tp)
-    return cls(**kwargs)
+# ----------------------------------------------------------------------------------------------------- loading
 
 
 def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
@@ -285,16 +217,6 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
                 raise ConfigError(f"{key}: {part} is not a section")
         node[parts[-1]] = value
     return nested
-
-
-def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def to_dict(cfg: EngineConfig) -> Dict[str, Any]:
@@ -332,8 +254,8 @@ def load_config(source: Union[str, os.PathLike, Dict[str, Any], None] = None, ov
     model = data.get("model")
     if isinstance(model, str):  # `model: PATH` shorthand
         data["model"] = {"path": model}
-    data = _merge(data, parse_overrides(overrides))
-    cfg = _build(EngineConfig, data, "")
+    data = merge_mappings(data, parse_overrides(overrides))
+    cfg = build_dataclass(EngineConfig, data, "")
     cfg.config_dir = str(config_dir)
     cfg = _resolve_paths(cfg, Path.cwd() if overrides else config_dir, data, overrides)
     validate(cfg, check_files=check_files)

@@ -7,7 +7,8 @@
   or one prompt per set (``retain_prompt`` / ``forget_prompt``); a prompt per set wins over the captions file.
 * :class:`LatentCache` (Stable Diffusion): each image is encoded by the VAE **once**; the mean and std of its latent
   distribution are kept and a fresh latent ``(mean + std * n) * scaling_factor`` is drawn per use, so the training
-  distribution is what re-encoding every step gives. Text embeddings are computed once per distinct prompt.
+  distribution is what re-encoding every step gives. Text embeddings are computed once per distinct prompt
+  (:func:`encode_prompts`, from :mod:`siss_fast.text_encoding`).
 * :class:`SampleStream`: draws micro-batches with replacement, forever, from its own seeded generators.
 """
 
@@ -22,10 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..text_encoding import encode_prompts  # re-exported: the engine and its callers use it from here
 from .errors import ConfigError
 
 __all__ = ["DataError", "FolderScan", "scan_folder", "load_images", "resolve_prompts", "sha256_file",
-           "LatentCache", "SampleStream", "IMAGE_SUFFIXES"]
+           "LatentCache", "encode_prompts", "SampleStream", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -162,18 +164,6 @@ class LatentCache:
         mean, std = self.mean[index], self.std[index]
         n = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
         return (mean + std * n) * self.scale
-
-
-def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: torch.device,
-                   dtype: torch.dtype) -> Tuple[Tensor, List[int]]:
-    """Embeddings of each *distinct* prompt, once: ``(P, L, D)`` fp32 and the index of each prompt in it."""
-    distinct = list(dict.fromkeys(prompts))
-    tokens = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    with torch.no_grad():
-        hidden = text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
-    lookup = {p: i for i, p in enumerate(distinct)}
-    return hidden.float(), [lookup[p] for p in prompts]
 
 
 class SampleStream:

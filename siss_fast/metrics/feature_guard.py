@@ -58,6 +58,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch import Tensor
 
+from ..text_encoding import encode_prompts
 from .registry import MetricContext, register_metric
 
 from .forget_signal import nearest_item
@@ -125,8 +126,6 @@ class BaseFeatures:
         self.vae = getattr(ctx.model, "vae", None)
         self.cond = None
         if self.vae is not None:
-            from siss_fast.engine.data import encode_prompts
-
             self.cond, _ = encode_prompts(ctx.model.tokenizer, ctx.model.text_encoder, [""], self.device,
                                           self.dtype)
         self._seen: Dict[str, Tensor] = {}
