@@ -4,6 +4,7 @@ subprocesses (about a minute on two shared cores).
 """
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -72,9 +73,22 @@ def _records(out):
     return [r for r in records if "total_norm" in r]
 
 
+@functools.lru_cache(maxsize=1)
+def _finds_package_by_itself() -> bool:
+    """Whether a child interpreter (this one's executable, run from SUBPROCESS_CWD) imports the same siss_fast without
+    help (an installed or editable package). Then ROOT stays off PYTHONPATH: in a source checkout ROOT also holds the
+    top-level ``kernels/`` folder (installed as ``siss_fast.kernels``), which would shadow the ``kernels`` package
+    that transformers / diffusers import."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import siss_fast; print(siss_fast.__file__)"], env=env,
+                           cwd=SUBPROCESS_CWD, capture_output=True, text=True, timeout=120)
+    return probe.returncode == 0 and Path(probe.stdout.strip()).resolve() == Path(siss_fast.__file__).resolve()
+
+
 def _subprocess_env(**extra):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    if not _finds_package_by_itself():
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(extra)
     return env
 
@@ -317,7 +331,7 @@ def test_a_run_needs_no_network(tmp_path):
     (guard / "sitecustomize.py").write_text(SITECUSTOMIZE)
     net_log = tmp_path / "net.log"
     env = _subprocess_env(SISS_TEST_NET_LOG=str(net_log))
-    env["PYTHONPATH"] = str(guard) + os.pathsep + env["PYTHONPATH"]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(guard), env.get("PYTHONPATH")) if p)
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         env.pop(key, None)  # the engine must go offline by itself
     cfg = _config(tmp_path / "out", train={"steps": 1}, checkpoint={"every": 1})

@@ -395,7 +395,7 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
     _require(v.target_patience >= 1, "validation.target_patience",
              f"expected an integer >= 1, got {v.target_patience}")
     if True:  # metric names are checked even when validation is off: a typo should not wait for a later run
-        from .validation import check_metric_name
+        from .validation import check_metric_name, get_metric
 
         for i, name in enumerate(v.metrics):
             try:
@@ -407,14 +407,18 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
             _require(name is None or name in v.metrics, f"validation.{key}",
                      f"expected null or one of validation.metrics {v.metrics}, got {name!r}")
         if v.forget_metric is not None and v.forget_target is None:
-            from .validation import get_metric
-
             _require(not get_metric(v.forget_metric).higher_is_better, "validation.forget_target",
                      f"expected a number: {v.forget_metric!r} is higher-is-better, so the relative default "
                      "(forget_target_ratio x its value before training) does not apply")
-        for name in v.metric_options:
+        for name, options in v.metric_options.items():
             _require(name in v.metrics, "validation.metric_options",
                      f"options for {name!r}, which is not in validation.metrics {v.metrics}")
+            check = get_metric(name).check_options
+            if check is not None:
+                try:
+                    check(dict(options))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
 
     # data (and the model's expected image size) -- reads only headers and JSON
     _require(bool(cfg.data.retain_dir), "data.retain_dir", "expected a folder of retain images, got nothing")

@@ -32,6 +32,7 @@ import json
 import math
 import platform
 import random
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -239,10 +240,12 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         """Validate on rank 0; every rank learns the stop decision."""
         reason = None
         if validator is not None:
+            started_at = time.perf_counter()
             verdict = validator(unet, step)
             reason = verdict["stop"]
             log.write({"step": step, "validation": verdict["scores"], "target_met": verdict["target_met"],
-                       "guard_tripped": verdict["guard_tripped"], "is_best": verdict["is_best"]})
+                       "guard_tripped": verdict["guard_tripped"], "is_best": verdict["is_best"],
+                       "validation_s": time.perf_counter() - started_at})
             _log(f"validation @ step {step}: {verdict['scores']}"
                  + (f" -> stop ({reason})" if reason else ""), dist)
             if step == 0 and verdict["target_met"]:
@@ -325,6 +328,18 @@ def _log_step(log: _MetricsLog, progress: Any, step: int, result: Any, combiner:
                               "mixed": mixed}, refresh=False)
 
 
+def _time_split(path: Path) -> Dict[str, float]:
+    """Seconds spent in optimizer steps and in validation over the whole run (resumed parts included), from
+    ``metrics.jsonl``, and validation's share of their sum."""
+    train = check = 0.0
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = _parse_record(line) or {}
+        train += float(rec.get("step_time_s") or 0.0)
+        check += float(rec.get("validation_s") or 0.0)
+    return {"train_s": round(train, 3), "validation_s": round(check, 3),
+            "validation_share": round(check / (train + check), 4) if train + check > 0 else 0.0}
+
+
 def _write_outputs(cfg: EngineConfig, out: Path, dist: S.Dist, model: M.LoadedModel, run_data: S.RunData,
                    validator: Optional[Validator], combiner: Any, unet: torch.nn.Module, log: Optional[_MetricsLog],
                    stop: Dict[str, Any], started: str) -> RunResult:
@@ -355,6 +370,7 @@ def _write_outputs(cfg: EngineConfig, out: Path, dist: S.Dist, model: M.LoadedMo
             "metrics_after": validator.scores_by_step.get(kept_step) if validator else None,
             "scaling_norm": combiner.scaling_norm,
             "skipped_steps": combiner.skipped_steps,
+            "time": _time_split(out / "metrics.jsonl"),
             "world_size": dist.world,
             "config": to_dict(cfg),
             "software": _versions(),

@@ -68,10 +68,7 @@ class Validator:
                                   autocast_dtype=S.autocast_dtype(self.cfg.train.mixed_precision),
                                   encoder_hidden_states=self.cond, uncond_hidden_states=self.uncond,
                                   guidance_scale=v.guidance_scale)
-        scores = {name: float(fn(samples)) for name, fn in self.metrics.items()}
-        for name, fn in self.metrics.items():  # per-item readings ("name[k]"): each forget item must meet the target
-            for k, value in enumerate(getattr(fn, "per_item", lambda _: [])(samples)):
-                scores[f"{name}[{k}]"] = float(value)
+        scores = self.score(samples, unet)
         self.scores_by_step[step] = scores
         if v.grids:
             (self.out / "samples").mkdir(exist_ok=True)
@@ -85,6 +82,21 @@ class Validator:
             self._save_state(unet, step, "last_good")
             self.last_good_step = step
         return {"scores": scores, **verdict}
+
+    def score(self, samples: torch.Tensor, unet: torch.nn.Module) -> Dict[str, float]:
+        """Every metric's reading. Score functions marked ``uses_unet`` (the targeted probe) also get the UNet; those
+        with ``per_item`` add one reading per forget item, ``"name[k]"`` (each item must meet the target), and their
+        overall value is ``aggregate(items)`` when they define it."""
+        scores: Dict[str, float] = {}
+        for name, fn in self.metrics.items():
+            kwargs = {"unet": unet} if getattr(fn, "uses_unet", False) else {}
+            if hasattr(fn, "per_item"):
+                items = [float(v) for v in fn.per_item(samples, **kwargs)]
+                scores[name] = float(fn.aggregate(items) if hasattr(fn, "aggregate") else fn(samples, **kwargs))
+                scores.update({f"{name}[{k}]": v for k, v in enumerate(items)})
+            else:
+                scores[name] = float(fn(samples, **kwargs))
+        return scores
 
     def _save_state(self, unet: torch.nn.Module, step: int, name: str) -> None:
         from safetensors.torch import save_file

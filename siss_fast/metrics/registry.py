@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -50,16 +50,21 @@ class MetricContext:
 class _Entry:
     factory: MetricFactory
     higher_is_better: bool
+    check_options: Optional[Callable[[Dict[str, Any]], None]] = None  # raises ValueError naming the bad option
 
 
 _REGISTRY: Dict[str, _Entry] = {}
 
 
-def register_metric(name: str, *, higher_is_better: bool = False) -> Callable[[MetricFactory], MetricFactory]:
-    """Decorator: register ``factory(ctx) -> fn(samples) -> float`` under ``name`` (re-registering replaces)."""
+def register_metric(name: str, *, higher_is_better: bool = False,
+                    check_options: Optional[Callable[[Dict[str, Any]], None]] = None
+                    ) -> Callable[[MetricFactory], MetricFactory]:
+    """Decorator: register ``factory(ctx) -> fn(samples) -> float`` under ``name`` (re-registering replaces).
+    ``check_options(options)`` lets the engine's config validation reject bad ``metric_options`` before any model
+    loads (raise ``ValueError`` naming the option)."""
 
     def wrap(factory: MetricFactory) -> MetricFactory:
-        _REGISTRY[name] = _Entry(factory, higher_is_better)
+        _REGISTRY[name] = _Entry(factory, higher_is_better, check_options)
         return factory
 
     return wrap

@@ -67,6 +67,8 @@ def ddim_sample(
     decode: Optional[Callable[[Tensor], Tensor]] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     on_step: Optional[Callable[[int, int, Tensor, Optional[Tensor]], None]] = None,
+    t_start: Optional[int] = None,
+    x_start: Optional[Tensor] = None,
 ) -> Tensor:
     """``n`` samples, fp32 in [-1, 1] (model space), on the CPU: ``(n, *shape)``, or decoded images.
 
@@ -76,12 +78,15 @@ def ddim_sample(
     * ``on_step(start, j, eps_c, eps_u)``: called at sampling step ``j`` of the chunk whose first sample is ``start``
       (``eps_u`` None without ``uncond``) -- the noise-norm signal reads its norms there.
     * ``autocast_dtype``: the UNet runs under ``torch.autocast`` in that dtype; the update is fp32.
+    * ``t_start`` / ``x_start``: start at timestep ``t_start`` (default ``T - 1``; the ``steps`` timesteps are then
+      evenly spaced over ``[0, t_start]``) from the given ``(n, *shape)`` tensor instead of seeded noise -- a forget
+      item noised to ``t_start`` for the targeted probe (:mod:`siss_fast.metrics.forget_probe`).
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type: expected 'epsilon' or 'v_prediction', got {prediction_type!r}")
     device = device or next(model.parameters()).device
     abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
-    ts = ddim_timesteps(abar.shape[0], steps)
+    ts = ddim_timesteps(abar.shape[0] if t_start is None else int(t_start) + 1, steps)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -89,8 +94,11 @@ def ddim_sample(
     try:
         for i, start in enumerate(range(0, n, batch_size)):
             b = min(batch_size, n - start)
-            gen = torch.Generator().manual_seed(seed * 100003 + i)
-            x = torch.randn((b, *shape), generator=gen, dtype=torch.float32).to(device)
+            if x_start is None:
+                gen = torch.Generator().manual_seed(seed * 100003 + i)
+                x = torch.randn((b, *shape), generator=gen, dtype=torch.float32).to(device)
+            else:
+                x = x_start[start:start + b].to(device=device, dtype=torch.float32)
             kwargs = {}
             if cond is not None:
                 c = cond.expand(b, *cond.shape[1:])
