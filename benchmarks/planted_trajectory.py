@@ -11,7 +11,8 @@ DDIM-25 samples (seed 0) and records, side by side on the same model state:
 * the candidate forget signals: ``forget_probe`` (targeted probe, its defaults: ``t_frac`` 0.5), ``probe60`` ...
   ``probe90`` (the same at ``t_frac`` 0.6 ... 0.9), ``forget_nn`` on the first 128 of the samples;
 * the candidate guards: ``feature_fd`` on all samples, on the first 128 (``fd128``), and on 128 samples of its own
-  drawn with 10 DDIM steps (``fd128_s10``, what a cheap default would see).
+  drawn with 10 DDIM steps (``fd128_s10``), and on samples of its own drawn as the engine's default validation draws
+  them (``fd_default``: ``VALIDATION_DEFAULTS["ddpm"]`` num_samples x sampler_steps).
 
 Writes ``DIR/EXP/lr-LR/trajectory.json``: ``{"experiment", "lr", "checks": [{"step", <metric>: value, ...}],
 "wall_s"}``. Stop rules are then simulated offline on these records (``benchmarks/stop_calibration.py``).
@@ -93,17 +94,24 @@ def register_calibration_metrics(exp: str) -> None:
     register_metric("fd128", higher_is_better=False)(first("feature_fd", 128))
     register_metric("forget_nn128", higher_is_better=False)(first("forget_nn", 128))
 
-    @register_metric("fd128_s10", higher_is_better=False)
-    def _fd_s10(ctx: MetricContext):
-        fn = get_metric("feature_fd").factory(ctx)
-        abar, shape = ctx.model.scheduler.alphas_cumprod, tuple(ctx.retain_images.shape[1:])
+    def own_samples_fd(n: int, steps: int):
+        def factory(ctx: MetricContext):
+            fn = get_metric("feature_fd").factory(ctx)
+            abar, shape = ctx.model.scheduler.alphas_cumprod, tuple(ctx.retain_images.shape[1:])
 
-        def score(samples, unet=None):
-            own = ddim_sample(unet, abar, 128, shape, steps=10, seed=0, batch_size=128)
-            return fn(((own + 1) / 2).clamp(0, 1))
+            def score(samples, unet=None):
+                own = ddim_sample(unet, abar, n, shape, steps=steps, seed=0, batch_size=128)
+                return fn(((own + 1) / 2).clamp(0, 1))
 
-        score.uses_unet = True
-        return score
+            score.uses_unet = True
+            return score
+        return factory
+
+    from siss_fast.engine.defaults import VALIDATION_DEFAULTS
+
+    register_metric("fd128_s10", higher_is_better=False)(own_samples_fd(128, 10))
+    d = VALIDATION_DEFAULTS["ddpm"]
+    register_metric("fd_default", higher_is_better=False)(own_samples_fd(d["num_samples"], d["sampler_steps"]))
 
 
 def trajectory(exp: str, out: Path, lr: float, budget: int = 150, every: int = 10, judge: int = 400,
@@ -121,7 +129,8 @@ def trajectory(exp: str, out: Path, lr: float, budget: int = 150, every: int = 1
     folders = write_experiment_folders(exp, root)
     run_dir = root / f"lr-{lr:g}" / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    metrics = ["judge_forget", "judge_quality", "forget_probe", *[f"probe{p}" for p in PROBE_LEVELS], "forget_nn128", "feature_fd", "fd128", "fd128_s10"]
+    metrics = ["judge_forget", "judge_quality", "forget_probe", *[f"probe{p}" for p in PROBE_LEVELS], "forget_nn128", "feature_fd", "fd128", "fd128_s10",
+               "fd_default"]
     cfg = load_config({"model": {"path": str(model_dir(exp, out))},
                        "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},
                        "train": {"steps": budget, "cpu_threads": 1, "device": "cpu", "lr": lr},

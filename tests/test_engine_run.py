@@ -256,8 +256,11 @@ def test_relative_forget_target_by_default():
     from siss_fast.engine.config import EngineConfig
     from siss_fast.engine.stop_rules import StopRules
 
+    from siss_fast.engine.defaults import resolve_validation
+
     v = EngineConfig().validation
-    assert v.forget_target is None and v.forget_target_ratio == 0.1 and v.num_samples >= 256
+    assert v.forget_target is None and v.forget_target_ratio == 0.1
+    assert resolve_validation(v, "ddpm")["forget_metric"] == "forget_probe"  # per-item probes, no sample count to miss
     assert v.target_patience == 2
     rules = StopRules("forget_distance", None, "retain_distance", 0.1, True, True, 1, 0.1, 2)
     assert rules.update(0, {"forget_distance": 0.05, "retain_distance": 0.2})["target"] == pytest.approx(0.005)

@@ -438,11 +438,14 @@ def _notes(cfg: T2IConfig, base_info: Dict[str, Any], retain: Dict[str, Any]) ->
 
 def _overrides(cfg: T2IConfig) -> str:
     """The engine settings this demo sets differently from the engine's defaults, with the defaults."""
+    from types import SimpleNamespace
+
     from siss_fast.engine.config import KIND_DEFAULTS, EngineConfig
+    from siss_fast.engine.defaults import resolve_validation
 
     train_defaults = KIND_DEFAULTS["sd"]
     defaults = EngineConfig()
-    v = defaults.validation
+    v = SimpleNamespace(**{**vars(defaults.validation), **resolve_validation(defaults.validation, "sd")})
     pairs = [("train.lr", cfg.lr, train_defaults["lr"]),
              ("train.batch_size", cfg.batch_size, train_defaults["batch_size"]),
              ("train.steps", cfg.max_steps, defaults.train.steps),

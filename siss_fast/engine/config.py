@@ -12,7 +12,8 @@ A config file is a YAML mapping with the sections below (every key optional exce
                  eps: 1e-8, lr_schedule: constant, warmup_steps: 0, mixed_precision: "no", gradient_checkpointing: false,
                  compile: false, seed: 0, device: auto, cpu_threads: null, deterministic: false}
     checkpoint: {every: 0, keep_last: 2, resume: null | latest | DIR}
-    validation: {every: 10, num_samples: 32, sampler_steps: 25, seed: 0, ... stop rules, see ValidationConfig}
+    validation: {every: null, num_samples: null, sampler_steps: null (null: the model kind's default,
+                 engine/defaults.py), seed: 0, ... stop rules, see ValidationConfig}
     log:        {progress: true, tensorboard: false}
     output_dir: runs/unlearn
 
@@ -34,10 +35,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .config_types import build_dataclass, merge_mappings
+from .defaults import KIND_DEFAULTS, VALIDATION_DEFAULTS, apply_kind_defaults, resolve_validation
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "EngineConfig", "load_config", "parse_overrides", "to_dict", "SHORTCUTS", "KIND_DEFAULTS",
-           "apply_kind_defaults"]
+           "VALIDATION_DEFAULTS", "apply_kind_defaults"]
 
 
 BUILDS = ("tiny-ddpm", "tiny-sd")
@@ -123,23 +125,6 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run (see engine.loop)
 
 
-# Training defaults by model kind, applied to train.batch_size / train.lr left null (apply_kind_defaults).
-# ddpm: calibrated on the embedded demo (a pixel UNet2DModel, SISS lambda 0.5, scaling_norm auto): of batch
-#   {8, 16, 64} x lr {5e-5, 1e-4, 2e-4}, only 64 x 2e-4 reached the default forget target within 150 steps (at 100,
-#   quality 98.5 % of before); the others stalled at ~85 % of the memorised samples removed (README, "Unlearning engine").
-# sd: Stable Diffusion fine-tuning conventions (full-UNet lr 1e-5; batch 8 fits a 24 GB GPU in bf16 with gradient
-#   checkpointing); not calibrated on a memorised SD model.
-KIND_DEFAULTS = {"ddpm": {"batch_size": 64, "lr": 2e-4}, "sd": {"batch_size": 8, "lr": 1e-5}}
-
-
-def apply_kind_defaults(cfg: "EngineConfig", kind: str) -> "EngineConfig":
-    """Fill ``train.batch_size`` / ``train.lr`` left null with :data:`KIND_DEFAULTS` for ``kind`` (in place)."""
-    for key, value in KIND_DEFAULTS[kind].items():
-        if getattr(cfg.train, key) is None:
-            setattr(cfg.train, key, value)
-    return cfg
-
-
 @dataclass
 class CheckpointConfig:
     every: int = 0  # 0: no periodic checkpoints
@@ -149,21 +134,23 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 10  # 0: no validation (then no stop rules, the final model is the end state)
-    num_samples: int = 512  # a forget item generated 1 % of the time shows 0 times in 512 with probability 0.6 %
-    sampler_steps: int = 25  # DDIM steps
+    # null / "auto": the model kind's default (engine/defaults.py: VALIDATION_DEFAULTS)
+    every: Optional[int] = None  # 0: no validation (then no stop rules, the final model is the end state)
+    num_samples: Optional[int] = None  # unconditional samples per check (guard, forget_nn)
+    sampler_steps: Optional[int] = None  # DDIM steps of those samples
     seed: int = 0
     batch_size: int = 64
     guidance_scale: float = 1.0  # SD: classifier-free guidance (1 = off)
     prompt: Optional[str] = None  # SD: default the forget prompt (of the first forget image)
-    metrics: List[str] = field(default_factory=lambda: ["forget_distance", "retain_distance"])
+    metrics: Optional[List[str]] = None
     metric_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    forget_metric: Optional[str] = "forget_distance"
+    forget_metric: Optional[str] = "auto"  # null: no forget target
     forget_target: Optional[float] = None  # absolute: met when forget_metric <= it (>= if higher-is-better)
     forget_target_ratio: float = 0.1  # forget_target null: met when forget_metric <= ratio x its value at step 0
     target_patience: int = 2  # validations in a row that must meet the target before it stops the run
-    quality_metric: Optional[str] = "retain_distance"
-    quality_tolerance: float = 0.15  # guard trips when quality worsens by more than this fraction of the baseline
+    quality_metric: Optional[str] = "auto"  # null: no quality guard
+    quality_tolerance: Optional[float] = None  # guard trips when quality worsens by more than this fraction of the
+    #   baseline; null: the quality metric's registered tolerance (feature_fd 0.5, others 0.15)
     stop_on_target: bool = True
     stop_on_guard: bool = True
     min_steps: int = 1  # no stop rule before this step
@@ -383,42 +370,42 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
         _require(os.path.isdir(c.resume), "checkpoint.resume",
                  f"expected null, 'latest' or an existing checkpoint folder, got {c.resume!r}")
 
-    # validation and its metrics (importing user functions is cheap and catches typos before the model loads)
-    _require(v.every >= 0, "validation.every", f"expected an integer >= 0 (0 = off), got {v.every}")
-    for key in ("num_samples", "sampler_steps", "batch_size"):
-        _require(getattr(v, key) >= 1, f"validation.{key}", f"expected an integer >= 1, got {getattr(v, key)}")
+    # validation and its metrics (importing user functions is cheap and catches typos before the model loads);
+    # null / "auto" settings are the model kind's defaults, checked once the kind is known (_check_resolved)
+    for key in ("every", "num_samples", "sampler_steps", "batch_size"):
+        value, low = getattr(v, key), 0 if key == "every" else 1
+        _require(value is None or value >= low, f"validation.{key}",
+                 f"expected an integer >= {low}{' (0 = off)' if key == 'every' else ''} or null (the model kind's "
+                 f"default), got {value}")
     _positive("validation.guidance_scale", v.guidance_scale)
-    _positive("validation.quality_tolerance", v.quality_tolerance, allow_zero=True)
+    _positive("validation.quality_tolerance", v.quality_tolerance, allow_zero=True, allow_none=True)
     _require(0 <= v.forget_target_ratio < 1, "validation.forget_target_ratio",
              f"expected a number in [0, 1), got {v.forget_target_ratio}")
     _require(v.min_steps >= 0, "validation.min_steps", f"expected an integer >= 0, got {v.min_steps}")
     _require(v.target_patience >= 1, "validation.target_patience",
              f"expected an integer >= 1, got {v.target_patience}")
-    if True:  # metric names are checked even when validation is off: a typo should not wait for a later run
-        from .validation import check_metric_name, get_metric
+    from .validation import check_metric_name, get_metric
 
-        for i, name in enumerate(v.metrics):
+    # metric names are checked even when validation is off: a typo should not wait for a later run
+    named = [(f"validation.metrics[{i}]", n) for i, n in enumerate(v.metrics or [])]
+    named += [(f"validation.{k}", getattr(v, k)) for k in ("forget_metric", "quality_metric")
+              if getattr(v, k) not in (None, "auto")]
+    named += [("validation.metric_options", n) for n in v.metric_options]
+    for key, name in named:
+        try:
+            check_metric_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    for name, options in v.metric_options.items():
+        check = get_metric(name).check_options
+        if check is not None:
             try:
-                check_metric_name(name)
+                check(dict(options))
             except ValueError as exc:
-                raise ConfigError(f"validation.metrics[{i}]: {exc}") from None
-        for key in ("forget_metric", "quality_metric"):
-            name = getattr(v, key)
-            _require(name is None or name in v.metrics, f"validation.{key}",
-                     f"expected null or one of validation.metrics {v.metrics}, got {name!r}")
-        if v.forget_metric is not None and v.forget_target is None:
-            _require(not get_metric(v.forget_metric).higher_is_better, "validation.forget_target",
-                     f"expected a number: {v.forget_metric!r} is higher-is-better, so the relative default "
-                     "(forget_target_ratio x its value before training) does not apply")
-        for name, options in v.metric_options.items():
-            _require(name in v.metrics, "validation.metric_options",
-                     f"options for {name!r}, which is not in validation.metrics {v.metrics}")
-            check = get_metric(name).check_options
-            if check is not None:
-                try:
-                    check(dict(options))
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
+                raise ConfigError(str(exc)) from None
+    kind = {"tiny-ddpm": "ddpm", "tiny-sd": "sd"}.get(cfg.model.build or "")
+    if kind is not None:
+        _check_resolved(v, kind)
 
     # data (and the model's expected image size) -- reads only headers and JSON
     _require(bool(cfg.data.retain_dir), "data.retain_dir", "expected a folder of retain images, got nothing")
@@ -434,6 +421,8 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
         info = models_mod.peek_model(cfg.model)
     except models_mod.ModelError as exc:
         raise ConfigError(f"model.path: {exc}") from None
+    if cfg.model.build is None:
+        _check_resolved(v, info.kind)
     if m.t_range is not None:
         _require(m.t_range[1] < info.num_timesteps, "method.t_range",
                  f"expected t_max < {info.num_timesteps} (the scheduler's timesteps), got {m.t_range}")
@@ -459,6 +448,26 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
             _require(getattr(cfg.data, key) is None, f"data.{key}",
                      "a pixel DDPM is unconditional: expected null (prompts are for Stable Diffusion)")
         _require(v.prompt is None, "validation.prompt", "a pixel DDPM is unconditional: expected null")
+
+
+def _check_resolved(v: ValidationConfig, kind: str) -> None:
+    """The validation settings as a model of ``kind`` resolves them: the forget / quality metrics and every
+    ``metric_options`` entry must be among the metrics, and a relative forget target needs a lower-is-better metric."""
+    from .validation import get_metric
+
+    r = resolve_validation(v, kind)
+    for key in ("forget_metric", "quality_metric"):
+        name = r[key]
+        _require(name is None or name in r["metrics"], f"validation.{key}",
+                 f"expected null or one of validation.metrics {r['metrics']}, got {name!r}"
+                 + (f" ('auto': the {kind} default)" if getattr(v, key) == "auto" else ""))
+    if r["forget_metric"] is not None and v.forget_target is None:
+        _require(not get_metric(r["forget_metric"]).higher_is_better, "validation.forget_target",
+                 f"expected a number: {r['forget_metric']!r} is higher-is-better, so the relative default "
+                 "(forget_target_ratio x its value before training) does not apply")
+    for name in v.metric_options:
+        _require(name in r["metrics"], "validation.metric_options",
+                 f"options for {name!r}, which is not in validation.metrics {r['metrics']}")
 
 
 def describe(cfg: EngineConfig) -> str:

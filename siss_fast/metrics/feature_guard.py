@@ -69,6 +69,7 @@ __all__ = ["BaseFeatures", "frechet_distance", "kernel_distance", "DEFAULT_OPTIO
 DEFAULT_OPTIONS: Dict[str, Any] = {"t": 100, "blocks": ["mid"], "pool": "meanstd", "seed": 0, "batch_size": 64,
                                    "max_retain": 2048, "exclude_forget": True}
 _POOLS = ("mean", "meanstd")
+FD_TOLERANCE = 0.5  # the guard's default tolerance on feature_fd (engine/defaults.py: chosen on the planted runs)
 
 
 def _option(options: Dict[str, Any], metric: str, allowed: Sequence[str] = ()) -> Dict[str, Any]:
@@ -227,7 +228,7 @@ def _guard(ctx: MetricContext, metric: str, distance) -> Any:
     return score
 
 
-@register_metric("feature_fd", higher_is_better=False)
+@register_metric("feature_fd", higher_is_better=False, tolerance=FD_TOLERANCE)
 def _feature_fd(ctx: MetricContext):
     """Fréchet distance of the samples to the retain set in frozen base-UNet features (module doc)."""
     return _guard(ctx, "feature_fd", frechet_distance)

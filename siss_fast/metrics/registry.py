@@ -26,9 +26,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MetricContext", "register_metric", "get_metric", "list_metrics", "check_metric_name", "build_metrics"]
+__all__ = ["MetricContext", "DEFAULT_TOLERANCE", "register_metric", "get_metric", "list_metrics", "check_metric_name", "build_metrics"]
 
 MetricFn = Callable[[Tensor], float]
+DEFAULT_TOLERANCE = 0.15  # quality guard tolerance of a metric registered without its own
 MetricFactory = Callable[["MetricContext"], MetricFn]
 
 
@@ -51,20 +52,23 @@ class _Entry:
     factory: MetricFactory
     higher_is_better: bool
     check_options: Optional[Callable[[Dict[str, Any]], None]] = None  # raises ValueError naming the bad option
+    tolerance: Optional[float] = None  # the quality guard's default tolerance when this metric is the guard
 
 
 _REGISTRY: Dict[str, _Entry] = {}
 
 
 def register_metric(name: str, *, higher_is_better: bool = False,
-                    check_options: Optional[Callable[[Dict[str, Any]], None]] = None
-                    ) -> Callable[[MetricFactory], MetricFactory]:
+                    check_options: Optional[Callable[[Dict[str, Any]], None]] = None,
+                    tolerance: Optional[float] = None) -> Callable[[MetricFactory], MetricFactory]:
     """Decorator: register ``factory(ctx) -> fn(samples) -> float`` under ``name`` (re-registering replaces).
     ``check_options(options)`` lets the engine's config validation reject bad ``metric_options`` before any model
-    loads (raise ``ValueError`` naming the option)."""
+    loads (raise ``ValueError`` naming the option). ``tolerance``: the relative worsening this metric may show before
+    the quality guard trips, when the config leaves ``validation.quality_tolerance`` null (default
+    :data:`DEFAULT_TOLERANCE`) -- a property of the metric's own noise, hence registered with it."""
 
     def wrap(factory: MetricFactory) -> MetricFactory:
-        _REGISTRY[name] = _Entry(factory, higher_is_better, check_options)
+        _REGISTRY[name] = _Entry(factory, higher_is_better, check_options, tolerance)
         return factory
 
     return wrap
