@@ -299,7 +299,39 @@ def test_unlearn_step_is_the_loops_step(tmp_path):
                for r in results)
     assert "loss_retain" in results[0].stats and results[0].lr == cfg.train.lr
     final = _final_unet(tmp_path / "loop")
-    assert all(torch.equal(final[k], v) for k, v in step.unet.state_dict().items())
+    assert all(torch.equal(final[k], v) for k, v in step.eval_unet.state_dict().items())
+
+
+def test_the_run_validates_and_keeps_the_weights_moving_average(tmp_path):
+    """train.ema_decay d: after every step ema <- d ema + (1 - d) w, starting at the base model; the final model of a
+    run ending on its budget is that average (recomputed here from the weights of each step); 0 keeps the raw weights."""
+    from siss_fast.engine import setup as S
+    from siss_fast.engine.step import UnlearnStep
+
+    cfg = load_config(_config("ddpm", tmp_path / "loop", train={"steps": 3, "ema_decay": 0.5}))
+    run(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = S.prepare_model(cfg, S.Dist(), tmp_path / "by_hand")
+    step = UnlearnStep(cfg, model, S.prepare_data(cfg, model, torch.device("cpu")), torch.device("cpu"))
+    average = {k: v.detach().clone().double() for k, v in step.unet.state_dict().items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.cpu_threads)
+    try:
+        for _ in range(3):
+            step()
+            for k, v in step.unet.state_dict().items():
+                average[k] = 0.5 * average[k] + 0.5 * v.double() if v.is_floating_point() else v.double()
+    finally:
+        torch.set_num_threads(threads)
+    final = _final_unet(tmp_path / "loop")
+    assert all(torch.allclose(final[k].double(), v, rtol=1e-6, atol=1e-7) for k, v in average.items())
+    assert not all(torch.equal(final[k], v) for k, v in step.unet.state_dict().items())  # not the raw weights
+    raw = load_config(_config("ddpm", tmp_path / "raw", train={"steps": 3, "ema_decay": 0}))
+    step_raw = UnlearnStep(raw, S.prepare_model(raw, S.Dist(), tmp_path / "raw"),
+                           S.prepare_data(raw, model, torch.device("cpu")), torch.device("cpu"))
+    assert step_raw.ema is None and step_raw.eval_unet is step_raw.unet
+    with pytest.raises(Exception, match="train.ema_decay"):
+        load_config(_config("ddpm", tmp_path / "bad", train={"ema_decay": 1.0}))
 
 
 def test_tensorboard_scalars(tmp_path):

@@ -193,7 +193,7 @@ def test_non_finite_step_leaves_weights_and_optimizer_state_untouched(tmp_path, 
 
     monkeypatch.setattr(Objective, "__call__", poisoned)
     out = tmp_path / "n"
-    cfg = load_config(_config(out, method={"name": "siss_nois"}, train={"steps": 6},
+    cfg = load_config(_config(out, method={"name": "siss_nois"}, train={"steps": 6, "ema_decay": 0},
                               gradient={"max_consecutive_skips": 2, "scaling_norm": 1.0},
                               checkpoint={"every": 1, "keep_last": 10}))
     result = run(cfg)

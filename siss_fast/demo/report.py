@@ -124,6 +124,7 @@ def render_report(report: Dict, run_dir: Path) -> str:
     head = (["| metric | base model | better | definition |", "|---|---|---|---|"] if not after else
             ["| metric | before | after | change | better | definition |", "|---|---|---|---|---|---|"])
     lines += [""] + head + rows
+    lines += _stop_signal_lines(report.get("stop_signal"))
     checks = report.get("pass_criteria")
     if checks:
         lines += ["", "## Pass criteria (issue 6)", ""]
@@ -156,6 +157,21 @@ def render_report(report: Dict, run_dir: Path) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _stop_signal_lines(signal: Optional[Dict]) -> List[str]:
+    """The engine's own readings at step 0 and at the kept step (what its stop rules decided on), and how the
+    report's table above was measured differently."""
+    if not signal:
+        return []
+    before, kept = signal.get("before") or {}, signal.get("kept") or {}
+    lines = ["", "## The stop signal (the engine's own numbers)", "",
+             f"Stop rule `{signal.get('stop_reason')}` at step {signal.get('step')}, final model from step "
+             f"{signal.get('kept_step')}.", "", "| engine metric | step 0 | kept step |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(kept.get(k))} |" for k in before]
+    if signal.get("differs"):
+        lines += ["", signal["differs"]]
+    return lines
 
 
 def rebuild_report(run_dir) -> Path:

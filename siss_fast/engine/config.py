@@ -111,6 +111,8 @@ class TrainConfig:
     batch_size: Optional[int] = None  # per process and micro-batch; null: the model kind's default (KIND_DEFAULTS)
     accumulation_steps: int = 1
     lr: Optional[float] = None  # null: the model kind's default (KIND_DEFAULTS)
+    ema_decay: Union[float, str] = "auto"  # validate and keep the weights' moving average (engine/ema.py); 0: off;
+    #   auto: the model kind's default (KIND_DEFAULTS: pixel DDPM 0.98, SD off -- one more copy of the UNet)
     weight_decay: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -349,6 +351,8 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
                  f"expected an integer >= 1{' or null (the model kind default)' if key == 'batch_size' else ''}, "
                  f"got {value}")
     _positive("train.lr", t.lr, allow_none=True)
+    _require(t.ema_decay == "auto" or not isinstance(t.ema_decay, str) and 0 <= t.ema_decay < 1, "train.ema_decay",
+             f"expected 'auto' or a number in [0, 1) (0: off), got {t.ema_decay!r}")
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     _positive("train.eps", t.eps)
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas",

@@ -25,14 +25,12 @@ forwards (x2 with classifier-free guidance): 16 x 15 = 240 against ~240 forward-
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import EngineConfig, ValidationConfig
+from typing import Any, Dict, List, Optional
 
 __all__ = ["KIND_DEFAULTS", "VALIDATION_DEFAULTS", "apply_kind_defaults", "resolve_validation"]
 
-KIND_DEFAULTS = {"ddpm": {"batch_size": 64, "lr": 1e-4}, "sd": {"batch_size": 8, "lr": 1e-5}}
+KIND_DEFAULTS = {"ddpm": {"batch_size": 64, "lr": 1e-4, "ema_decay": 0.98},
+                 "sd": {"batch_size": 8, "lr": 1e-5, "ema_decay": 0.0}}
 
 VALIDATION_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "ddpm": {"every": 20, "num_samples": 96, "sampler_steps": 10,
@@ -44,8 +42,8 @@ VALIDATION_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def resolve_validation(v: "ValidationConfig", kind: str) -> Dict[str, Any]:
-    """The validation settings of ``v`` with its nulls and ``"auto"`` names replaced by ``kind``'s defaults:
+def resolve_validation(v: Any, kind: str) -> Dict[str, Any]:
+    """The validation settings of ``v`` (a :class:`~.config.ValidationConfig`) with its nulls and ``"auto"`` names replaced by ``kind``'s defaults:
     ``{"every", "num_samples", "sampler_steps", "metrics", "forget_metric", "quality_metric", "quality_tolerance"}``.
     With ``metrics`` null, a forget / quality metric named explicitly joins the default list; a null tolerance is the
     quality metric's registered one (:func:`siss_fast.metrics.registry.register_metric`)."""
@@ -68,11 +66,11 @@ def resolve_validation(v: "ValidationConfig", kind: str) -> Dict[str, Any]:
     return {**out, "metrics": metrics, **names, "quality_tolerance": tolerance}
 
 
-def apply_kind_defaults(cfg: "EngineConfig", kind: str) -> "EngineConfig":
-    """Fill ``cfg`` (in place) for a model of ``kind``: ``train.batch_size`` / ``train.lr`` left null from
-    :data:`KIND_DEFAULTS`, the validation settings as :func:`resolve_validation`. Idempotent."""
+def apply_kind_defaults(cfg: Any, kind: str) -> Any:
+    """Fill ``cfg`` (an :class:`~.config.EngineConfig`, in place) for a model of ``kind``: ``train.batch_size`` / ``train.lr`` left null and
+    ``train.ema_decay`` left ``auto`` from :data:`KIND_DEFAULTS`, the validation settings as :func:`resolve_validation`. Idempotent."""
     for key, value in KIND_DEFAULTS[kind].items():
-        if getattr(cfg.train, key) is None:
+        if getattr(cfg.train, key) in (None, "auto"):
             setattr(cfg.train, key, value)
     for key, value in resolve_validation(cfg.validation, kind).items():
         setattr(cfg.validation, key, value)

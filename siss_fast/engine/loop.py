@@ -210,6 +210,8 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         optimizer.load_state_dict(trainer["optimizer"])
         lr_schedule.load_state_dict(trainer["lr_schedule"])
         combiner.load_state_dict(trainer["combiner"])
+        if step_fn.ema is not None:
+            step_fn.ema.load_state_dict(trainer["ema"])
         start, consecutive_skips = int(trainer["step"]), int(trainer["consecutive_skips"])
         stop = trainer.get("stop")
         if validator is not None and trainer.get("validation") is not None:
@@ -231,7 +233,8 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         if dist.main:
             trainer_state = {"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                              "combiner": combiner.state_dict(), "step": step, "consecutive_skips": consecutive_skips,
-                             "stop": stop, "validation": None if validator is None else validator.state_dict()}
+                             "stop": stop, "validation": None if validator is None else validator.state_dict(),
+                             "ema": None if step_fn.ema is None else step_fn.ema.state_dict()}
             CK.save_checkpoint(ckpt_root, step, unet.state_dict(), trainer_state, rng_states,
                                cfg.checkpoint.keep_last, _fail_after=_fail_checkpoint_after)
         dist.barrier()
@@ -241,7 +244,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         reason = None
         if validator is not None:
             started_at = time.perf_counter()
-            verdict = validator(unet, step)
+            verdict = validator(step_fn.eval_unet, step)
             reason = verdict["stop"]
             log.write({"step": step, "validation": verdict["scores"], "target_met": verdict["target_met"],
                        "guard_tripped": verdict["guard_tripped"], "is_best": verdict["is_best"],
@@ -299,7 +302,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
         progress.close()
     if stop is None:  # a budget of 0 steps, or a resume at the budget from a checkpoint of an older version
         stop = {"reason": "steps", "step": start}
-    return _write_outputs(cfg, out, dist, model, run_data, validator, combiner, unet, log, stop, started)
+    return _write_outputs(cfg, out, dist, model, run_data, validator, combiner, step_fn.eval_unet, log, stop, started)
 
 
 def _log_step(log: _MetricsLog, progress: Any, step: int, result: Any, combiner: Any, images: int,

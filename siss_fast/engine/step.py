@@ -34,6 +34,7 @@ import torch
 from . import data as D
 from . import setup as S
 from .config import EngineConfig, apply_kind_defaults
+from .ema import WeightEMA
 from .partition import PartitionedForward
 
 __all__ = ["UnlearnStep", "StepResult"]
@@ -66,7 +67,8 @@ class UnlearnStep:
     ``cfg`` asks for: gradient checkpointing, ``torch.compile``, autocast (``train.mixed_precision``),
     the SPEC §5 objective, AdamW (fused on CUDA), the LR schedule, the SPEC §6 combiner (DDP-aware through
     ``dist``) and one seeded :class:`~siss_fast.engine.data.SampleStream` per micro-batch of this rank.
-    Attributes ``unet``, ``optimizer``, ``lr_schedule``, ``combiner``, ``streams`` are what checkpoints save.
+    Attributes ``unet``, ``optimizer``, ``lr_schedule``, ``combiner``, ``streams`` and ``ema`` (the weights' moving
+    average, :class:`~.ema.WeightEMA`, or None) are what checkpoints save; ``eval_unet`` is what a run validates.
     """
 
     def __init__(self, cfg: EngineConfig, model: Any, run_data: Any, device: torch.device, *,
@@ -89,6 +91,12 @@ class UnlearnStep:
         acc = cfg.train.accumulation_steps
         self.streams = [D.SampleStream(cfg.train.seed, self.dist.rank * acc + m, device) for m in range(acc)]
         self.partitioned = cfg.gradient.partitioned and cfg.method.name == "siss"
+        self.ema = WeightEMA(self.unet, float(cfg.train.ema_decay)) if cfg.train.ema_decay else None
+
+    @property
+    def eval_unet(self) -> torch.nn.Module:
+        """What the run validates and keeps: the weights' moving average (``train.ema_decay``), else the UNet."""
+        return self.unet if self.ema is None else self.ema.module
 
     def unet_call(self, noisy: torch.Tensor, timesteps: torch.Tensor, **cond: Any) -> Any:
         """The UNet under the run's autocast (fp32 master weights; bf16/fp16 compute when asked)."""
@@ -118,6 +126,8 @@ class UnlearnStep:
         if not info.skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.unet)
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():  # a skipped step still advances the schedule (it counts steps, not updates)
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")

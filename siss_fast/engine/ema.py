@@ -1,0 +1,52 @@
+"""An exponential moving average of the UNet's weights: what the engine validates and keeps (``train.ema_decay``).
+
+Fine-tuning a converged diffusion model with AdamW jitters its weights: every step moves each parameter by about
+``lr`` whatever its gradient's size, and the samples of consecutive steps differ in quality by more than the
+unlearning changes. The average over the last ~``1 / (1 - decay)`` steps keeps the direction the steps agree on (away
+from the forget items) and cancels the jitter. Measured on the demo (``lr`` 1e-4, 1,000 samples of the judge,
+``benchmarks/planted.py``): after 120 steps the raw weights generated the T-shirt 0.3 % of the time at 94.2 % of the
+base model's classifier quality, their EMA with decay 0.98 0.6 % at 100.6 %.
+
+``ema <- decay * ema + (1 - decay) * w`` after every optimizer step (skipped steps included: the weights did not
+move), fp32, for every floating-point parameter and buffer (integer buffers are copied); the average starts at the
+base model. Memory: one more copy of the UNet's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict
+
+import torch
+
+__all__ = ["WeightEMA"]
+
+
+class WeightEMA:
+    """``module``: a frozen eval-mode copy of the trained UNet holding the average (validate and save it)."""
+
+    def __init__(self, unet: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema_decay: expected a number in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(getattr(unet, "_orig_mod", unet)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, unet: torch.nn.Module) -> None:
+        """Move the average towards ``unet``'s current weights (same architecture)."""
+        source = getattr(unet, "_orig_mod", unet).state_dict()
+        averaged, current = [], []
+        for name, value in self.module.state_dict().items():
+            if value.is_floating_point():
+                averaged.append(value)
+                current.append(source[name].to(value.dtype))
+            else:
+                value.copy_(source[name])
+        if averaged:
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
