@@ -112,7 +112,7 @@ class TrainConfig:
     accumulation_steps: int = 1
     lr: Optional[float] = None  # null: the model kind's default (KIND_DEFAULTS)
     ema_decay: Union[float, str] = "auto"  # validate and keep the weights' moving average (engine/ema.py); 0: off;
-    #   auto: the model kind's default (KIND_DEFAULTS: pixel DDPM 0.98, SD off -- one more copy of the UNet)
+    #   auto: the model kind's default (KIND_DEFAULTS: pixel DDPM 0.97, SD off -- one more copy of the UNet)
     weight_decay: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
