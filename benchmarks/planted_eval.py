@@ -15,6 +15,11 @@ items (bulk 0.40-0.60) and at >= 0.20 from the near "7" (digits, bulk 0.25-0.40,
 sits in the far items' gap, near the engine's own ``forget_rate`` threshold (RMS 0.28); for the near item the cap
 hardly matters, since the nearest-neighbour rule already separates it from the digits.
 
+Shape (``forget_rate_correlated``, :func:`correlated_items`): the share of samples whose Pearson correlation with
+a forget item exceeds the highest correlation any retain image has with it -- degraded copies (faded, blurred) whose
+nearest pixel neighbour is already a digit still count here (the demo's unlearned model: 8 of 1,000 samples, none
+by the nearest-neighbour rule).
+
 Quality: :func:`siss_fast.metrics.quality.classifier_quality` (Inception-style score, max 10, plus class balance) of
 the shipped digits classifier (:func:`siss_fast.metrics.engine_metrics.load_classifier`) on the samples that the
 (uncapped) nearest-neighbour rule does not assign to a forget item.
@@ -34,7 +39,7 @@ from siss_fast.demo.data import to_unit
 
 from planted_data import EXPERIMENTS, experiment_data
 
-__all__ = ["RMS_CAP", "HIST_EDGES", "assign_items", "evaluate_samples_nn", "evaluate"]
+__all__ = ["RMS_CAP", "HIST_EDGES", "assign_items", "correlated_items", "evaluate_samples_nn", "evaluate"]
 
 RMS_CAP = 0.25
 HIST_EDGES = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 1.0]
@@ -52,6 +57,24 @@ def assign_items(samples: Tensor, retain: Tensor, items: Tensor) -> Dict[str, Te
     d_item, nearest = d_items.min(dim=1)
     item = torch.where(d_item < d_ret, nearest, torch.full_like(nearest, -1))
     return {"item": item, "rms_item": d_item / math.sqrt(d), "rms_retain": d_ret / math.sqrt(d)}
+
+
+def _pearson(a: Tensor, b: Tensor) -> Tensor:
+    """``(N, M)`` Pearson correlations between the flattened rows of ``a`` ``(N, ...)`` and ``b`` ``(M, ...)`` (fp64)."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a @ b.T) / (a.norm(dim=1, keepdim=True) * b.norm(dim=1)[None]).clamp_min(1e-12)
+
+
+def correlated_items(samples: Tensor, retain: Tensor, items: Tensor) -> Tensor:
+    """``(N,)`` int64: the forget item a sample's *shape* matches, else -1. Sample ``s`` matches item ``j`` when ``j``
+    is the item it correlates with most (Pearson over pixels) and that correlation exceeds the highest correlation
+    any retain image has with ``j`` -- a threshold from data. It counts degraded copies (faded, blurred: the nearest
+    pixel neighbour is then a retain digit) that the nearest-neighbour rule misses."""
+    thresholds = _pearson(retain, items).max(dim=0).values  # (K,)
+    c = _pearson(samples, items)
+    best, j = c.max(dim=1)
+    return torch.where(best > thresholds[j], j, torch.full_like(j, -1))
 
 
 def _histogram(values: Tensor) -> Dict[str, int]:
@@ -80,8 +103,12 @@ def evaluate_samples_nn(samples: Tensor, retain: Tensor, items: Tensor, classifi
         if histogram:
             per_item[name]["rms_histogram"] = _histogram(a["rms_item"][hit])
     assigned = a["item"] >= 0
+    shaped = correlated_items(samples, retain, items)
+    for j, name in enumerate(names):
+        per_item[name]["rate_correlated"] = (shaped == j).double().mean().item()
     out = {"samples": n, "rms_cap": rms_cap, "forget_rate": assigned.double().mean().item(),
-           "forget_rate_capped": capped.double().mean().item(), "per_item": per_item}
+           "forget_rate_capped": capped.double().mean().item(),
+           "forget_rate_correlated": (shaped >= 0).double().mean().item(), "per_item": per_item}
     if histogram:
         out["rms_to_nearest_item_histogram_all"] = _histogram(a["rms_item"])
         out["rms_to_nearest_retain_histogram_all"] = _histogram(a["rms_retain"])

@@ -65,3 +65,19 @@ def test_near_item_is_near_but_its_own_neighbour():
     out = assign_items(item, retain, item)
     assert out["item"].tolist() == [0]
     assert out["rms_retain"].item() * 16 < 4.0  # within L2 4 of the unaltered digit: "near"
+
+
+def test_correlated_items_count_degraded_copies_the_nearest_neighbour_misses():
+    """A faded copy of an item (half its contrast, on a grey background) is nearer in pixels to some retain image than
+    to the item, so the nearest-neighbour rule calls it a digit; its shape still correlates with the item above any
+    retain image's correlation, so :func:`correlated_items` counts it. Retain images themselves never count."""
+    from planted_eval import correlated_items
+
+    data = PD.experiment_data("demo")
+    retain, items = to_unit(data.retain), to_unit(data.forget_image)
+    faded = 0.3 + 0.25 * items  # (1, 1, 16, 16): the T-shirt at a quarter of its contrast
+    assert int(assign_items(faded, retain, items)["item"][0]) == -1  # the nearest-neighbour rule misses it
+    assert correlated_items(faded, retain, items).tolist() == [0]
+    assert (correlated_items(retain, retain, items) == -1).all()
+    out = evaluate_samples_nn(torch.cat([faded, retain[:3]]), retain, items)
+    assert out["forget_rate"] == 0.0 and out["forget_rate_correlated"] == 0.25
