@@ -44,6 +44,15 @@ below 97 % of its baseline in all four. Of the variants tried (blocks ``down0..m
 100, 300}, FD / KID, the mean eps-prediction error), ``mid`` at t = 100 with mean+std pooling had the best mean
 Spearman (0.60; next best 0.52).
 
+As the engine's default guard for pixel DDPMs (``engine/defaults.py``) it reads ``validation.num_samples`` = 96
+samples of 10 DDIM steps, and its registered tolerance is ``FD_TOLERANCE`` = 0.5: the fewer samples' reading moves
+more between checks (demo at lr 1e-4 with the weight average: up to +22 % over its start while the classifier stayed
+>= 97 %), and 0.15 would stop gentle runs on that noise. Over the five planted experiments at lr 3e-4
+(``benchmarks/results/guard-fidelity-defaults.{json,png}``, ``benchmarks/trajectory_report.py``) the classifier fell
+below 97 % at the first check (step 10) everywhere; this reading passed 1.5x at the next check in three (checker3,
+demo, near3) and never in checker1 and five10 (five10's start is inflated by degraded copies of its five glyphs that
+the nearest-item exclusion keeps); Spearman with the classifier 0.16-0.87. A net for collapse, not a 3 % gauge.
+
 Options (``validation.metric_options.feature_fd``; the defaults were chosen on these runs by
 ``benchmarks/guard_fidelity.py``): ``t`` (default 100), ``blocks`` (default ``[mid]``), ``pool`` (``meanstd``),
 ``seed`` (0), ``batch_size`` (64), ``max_retain`` (2048: a fixed random subset of larger retain sets),
