@@ -10,19 +10,28 @@ not how much of the item survives the noise.
 For each forget item ``a_k`` (model space ``x_k = 2 a_k - 1``) and ``P`` fixed noises ``eps_p`` (seeded, the same at
 every check)::
 
-    x_t = sqrt(abar_t) x_k + sqrt(1 - abar_t) eps_p,      t = round(t_frac (T - 1))
+    x_t = sqrt(abar_t) x_k + sqrt(1 - abar_t) eps_p,      t = round(t_frac_k (T - 1))
     y_p = DDIM(x_t -> 0, ``steps`` steps)                 (:func:`~.sampling.ddim_sample`, the one sampler)
     rate_k = #{p : y_p is item k} / P                      (:func:`~.forget_signal.nearest_item`: nearest neighbour
                                                             among retain images and forget items, within its radius)
 
+``t_frac: auto`` (the default) chooses ``t_frac_k`` per item once, on the base model (:func:`calibrate_levels`): the
+highest level of :data:`AUTO_GRID` from which the base model brings the item back in at least ``auto_level`` (0.5)
+of the probes. Measured base-model returns at t_frac 0.9 / 0.8 / 0.7 / 0.6 / 0.5 (32 probes): the demo's T-shirt
+0.09 / 0.13 / 0.22 / 0.50 / 0.84 (auto: 0.6), checker3's checkerboard 0.06 / 0.09 / 0.16 / 0.34 / 0.94 (auto: 0.5);
+the demo's model, which never saw a checkerboard, returns it from no level (0 of 32 down to 0.3). Unlearning removes
+the item's basin from high noise levels first: on the demo at lr 1e-4 the unconditional T-shirt rate fell from 4 % to
+0.5 % in 60 steps while the probe at 0.6 went 0.50 -> 0.34 and collapsed to 0 only at step 150-160, so the probe is
+the conservative reading (``benchmarks/results/planted-trajectories.json``).
+
 ``forget_probe`` (lower is better) returns the mean of ``rate_k``; its ``per_item`` gives every ``rate_k`` (each item
 must meet its own target). Cost per check: ``K x P x steps`` UNet sample-forwards (defaults: 32 x 10 = 320 per item),
-against ``num_samples x sampler_steps`` for unconditional samples. It needs the UNet being trained, so its score
+plus at most ``len(AUTO_GRID) x 320`` per item once for ``auto``. It needs the UNet being trained, so its score
 function has ``uses_unet = True`` and is called ``score(samples, unet=unet)``. Pixel models only: a latent model's
 probe needs the forget prompt and a VAE round trip (not built yet); it raises ``ValueError`` there.
 
-Options (``validation.metric_options.forget_probe``): ``t_frac`` (0.5; in (0, 1]), ``probes`` (32), ``steps`` (10),
-``seed`` (0), and ``radius`` / ``radius_scale`` as in ``forget_nn``.
+Options (``validation.metric_options.forget_probe``): ``t_frac`` (``auto`` or a number in (0, 1]), ``auto_level``
+(0.5), ``probes`` (32), ``steps`` (10), ``seed`` (0), and ``radius`` / ``radius_scale`` as in ``forget_nn``.
 """
 
 from __future__ import annotations
