@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .registry import MetricContext, MetricFn, register_metric
 
-__all__ = ["rms_distances", "forget_thresholds"]
+__all__ = ["rms_distances", "pearson", "forget_thresholds"]
 
 
 def rms_distances(samples: Tensor, reference: Tensor) -> Tensor:
@@ -24,6 +24,15 @@ def rms_distances(samples: Tensor, reference: Tensor) -> Tensor:
     b = reference.reshape(reference.shape[0], -1).double()
     sq = (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]).clamp_min(0)
     return (sq / a.shape[1]).sqrt()
+
+
+def pearson(samples: Tensor, reference: Tensor) -> Tensor:
+    """``(N, M)`` Pearson correlations between flattened samples and references (fp64): shape agreement whatever the
+    brightness and contrast; 0 against a constant image."""
+    a = samples.reshape(samples.shape[0], -1).double()
+    b = reference.reshape(reference.shape[0], -1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a @ b.T) / (a.norm(dim=1, keepdim=True) * b.norm(dim=1)[None]).clamp_min(1e-12)
 
 
 def forget_thresholds(forget: Tensor, retain: Tensor, threshold: Any = "auto") -> Tensor:
