@@ -21,7 +21,6 @@ Choices:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -32,6 +31,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..hashing import sha256_file
 from .data import DemoData, demo_data, to_unit
 
 __all__ = ["UNET_CONFIG", "build_unet", "build_scheduler", "train_classifier", "train_ddpm", "pretrain", "main"]
@@ -162,12 +162,7 @@ def _save_pipeline(unet, scheduler, path: Path) -> None:
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the name the pretraining records and benchmarks/planted.py use
 
 
 def pretrain(out: Path, seed: int = 0, steps: int = 3000, classifier_steps: int = 800,

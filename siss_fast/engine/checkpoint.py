@@ -31,7 +31,6 @@ Faults (tested in ``tests/test_reliability.py``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -43,6 +42,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..hashing import sha256_file
+
 __all__ = ["CheckpointError", "capture_rng", "restore_rng", "save_checkpoint", "load_checkpoint",
            "list_checkpoints", "find_latest"]
 
@@ -51,14 +52,6 @@ _NAME = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted (incomplete, damaged, or from another run layout)."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- RNG states
@@ -139,7 +132,7 @@ def save_checkpoint(root: Path, step: int, unet_state: Dict[str, torch.Tensor], 
         for rank, rng in rng_states.items():
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
             written(f"rng-rank{rank}.pt")
-        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / "COMPLETE.json").write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
         written("COMPLETE.json")
         if final.exists():
@@ -179,7 +172,7 @@ def load_checkpoint(folder: Path, rank: int = 0) -> Dict[str, Any]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {str(folder)!r}: file {name} is missing")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CheckpointError(f"checkpoint {str(folder)!r}: file {name} is damaged (sha256 mismatch)")
     try:
         unet = load_file(str(folder / "unet.safetensors"))

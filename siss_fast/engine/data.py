@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..hashing import sha256_file
 from ..text_encoding import encode_prompts  # re-exported: the engine and its callers use it from here
 from .errors import ConfigError
 
@@ -87,14 +87,6 @@ def load_images(files: Sequence[Path], channels: int) -> Tensor:
         raise DataError(f"images of different sizes among {[str(f) for f in files[:3]]}...: {sorted(shapes)}")
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return batch / 127.5 - 1.0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_captions(path: str) -> Dict[str, str]:

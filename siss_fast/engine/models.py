@@ -290,11 +290,11 @@ def hash_model_folder(path: Path) -> str:
     """sha256 over the sorted (relative path, content) of every weight and config file of a model folder."""
     import hashlib
 
+    from ..hashing import update_from_file
+
     digest = hashlib.sha256()
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         if f.suffix in (".safetensors", ".json", ".txt") + PICKLE_SUFFIXES:
             digest.update(str(f.relative_to(path)).encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
+            update_from_file(digest, f)
     return digest.hexdigest()

@@ -13,7 +13,6 @@ temp file and renamed); their step and sha256 are part of :meth:`state_dict`, he
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..hashing import sha256_file
 from . import data as D
 from . import setup as S
 from . import validation as V
@@ -34,10 +34,6 @@ __all__ = ["Validator", "unet_state"]
 def unet_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """A detached CPU copy of the UNet's weights."""
     return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class Validator:
@@ -103,7 +99,7 @@ class Validator:
 
         tmp, path = self.out / f".{name}.safetensors.tmp", self.out / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in unet_state(unet).items()}, str(tmp))
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
         self.kept[name] = {"step": step, "sha256": digest}
         (self.out / f"{name}.json").write_text(json.dumps({"step": step, "sha256": digest,
@@ -113,7 +109,7 @@ class Validator:
         from safetensors.torch import load_file
 
         path, record = self.out / f"{name}.safetensors", self.kept.get(name)
-        if record is None or not path.is_file() or _sha256(path) != record["sha256"]:
+        if record is None or not path.is_file() or sha256_file(path) != record["sha256"]:
             raise CheckpointError(f"{str(path)!r} is missing or is not the state this run kept at step "
                                   f"{None if record is None else record['step']} (sha256 mismatch): it was changed "
                                   "outside this run; resume from an earlier checkpoint or rerun")
