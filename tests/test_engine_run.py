@@ -96,10 +96,19 @@ def test_resume_latest_without_checkpoint_starts_over(tmp_path, capsys):
     assert "no checkpoint yet" in capsys.readouterr().out
 
 
-def test_interrupted_save_leaves_no_checkpoint_and_corruption_is_caught(tmp_path):
+def test_interrupted_save_leaves_no_checkpoint_and_corruption_is_caught(tmp_path, monkeypatch):
     cfg = load_config(_config("ddpm", tmp_path / "c", train={"steps": 4}, checkpoint={"every": 2, "keep_last": 1}))
+    real_save = torch.save
+
+    def crash_after_trainer_state(obj, f, *args, **kwargs):  # a crash in the middle of the first save
+        real_save(obj, f, *args, **kwargs)
+        if str(f).endswith("trainer.pt") and ".tmp-step-" in str(f):
+            raise KeyboardInterrupt("simulated crash after writing trainer.pt")
+
+    monkeypatch.setattr(torch, "save", crash_after_trainer_state)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, _fail_checkpoint_after="trainer.pt")  # crash in the middle of the first save
+        run(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
     root = tmp_path / "c" / "checkpoints"
     assert list_checkpoints(root) == [] and any(p.name.startswith(".tmp-") for p in root.iterdir())
     resumed = run(load_config(_config("ddpm", tmp_path / "c", train={"steps": 6},

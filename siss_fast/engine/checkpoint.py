@@ -104,11 +104,8 @@ def find_latest(root: Path) -> Optional[Path]:
 
 
 def save_checkpoint(root: Path, step: int, unet_state: Dict[str, torch.Tensor], trainer_state: Dict[str, Any],
-                    rng_states: Dict[int, Dict[str, Any]], keep_last: int, *, _fail_after: Optional[str] = None) -> Path:
-    """Write ``root/step-{step:06d}`` atomically; return its path. ``rng_states`` maps rank -> capture_rng().
-
-    (``_fail_after`` names a file after which to raise: the tests' way of simulating a crash mid-save.)
-    """
+                    rng_states: Dict[int, Dict[str, Any]], keep_last: int) -> Path:
+    """Write ``root/step-{step:06d}`` atomically; return its path. ``rng_states`` maps rank -> capture_rng()."""
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -119,22 +116,14 @@ def save_checkpoint(root: Path, step: int, unet_state: Dict[str, torch.Tensor], 
     tmp = root / f".tmp-step-{step:06d}"
     tmp.mkdir()
 
-    def written(name: str) -> None:
-        if _fail_after == name:
-            raise KeyboardInterrupt(f"simulated crash after writing {name}")
-
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet_state.items()}
         save_file(tensors, str(tmp / "unet.safetensors"))
-        written("unet.safetensors")
         torch.save(trainer_state, tmp / "trainer.pt")
-        written("trainer.pt")
         for rank, rng in rng_states.items():
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
-            written(f"rng-rank{rank}.pt")
         hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / "COMPLETE.json").write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
-        written("COMPLETE.json")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

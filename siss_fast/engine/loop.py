@@ -125,8 +125,7 @@ def _versions() -> Dict[str, str]:
     return out
 
 
-def run(cfg: EngineConfig, *, stop_after: Optional[int] = None, _fail_checkpoint_after: Optional[str] = None
-        ) -> RunResult:
+def run(cfg: EngineConfig, *, stop_after: Optional[int] = None) -> RunResult:
     """Run the configured unlearning; returns what happened. ``stop_after=K`` ends after step ``K`` (and its
     checkpoint) as if interrupted -- the tests' way of stopping a run to resume it."""
     threads = torch.get_num_threads()
@@ -141,7 +140,7 @@ def run(cfg: EngineConfig, *, stop_after: Optional[int] = None, _fail_checkpoint
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        return _run(cfg, stop_after, _fail_checkpoint_after)
+        return _run(cfg, stop_after)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
@@ -164,7 +163,7 @@ def _finished(cfg: EngineConfig, out: Path, dist: S.Dist) -> Optional[RunResult]
                      stop.get("best_step"), out / "final", stop.get("kept_step"))
 
 
-def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: Optional[str]) -> RunResult:
+def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
     started = datetime.now(timezone.utc).isoformat()
     dist = S.init_distributed(cfg.train.device)
     device = S.pick_device(cfg.train.device, dist)
@@ -236,7 +235,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int], _fail_checkpoint_after: O
                              "stop": stop, "validation": None if validator is None else validator.state_dict(),
                              "ema": None if step_fn.ema is None else step_fn.ema.state_dict()}
             CK.save_checkpoint(ckpt_root, step, unet.state_dict(), trainer_state, rng_states,
-                               cfg.checkpoint.keep_last, _fail_after=_fail_checkpoint_after)
+                               cfg.checkpoint.keep_last)
         dist.barrier()
 
     def validate(step: int) -> Optional[str]:
