@@ -77,7 +77,7 @@ class T2IConfig:
     batch_size: Optional[int] = 16       # engine default for SD: 8 (the report's notes list every override)
     lr: Optional[float] = 2e-4           # engine default for SD: 1e-5
     val_every: Optional[int] = None      # engine default 10
-    val_samples: Optional[int] = 32      # engine default 512
+    val_samples: Optional[int] = 32      # engine default 16 (SD)
     forget_target_ratio: Optional[float] = 0.0  # engine default 0.1; 0: stop when no validation generation
     # pass criteria
     closeness_min: float = 0.8           # other prompts: mean similarity of after to before (same seed)
