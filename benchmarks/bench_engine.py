@@ -100,10 +100,10 @@ def build_sd_v1(folder: Path, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from siss_fast.engine import models as M
+    from siss_fast.engine import models as engine_models
 
     torch.manual_seed(seed)
-    M.write_tiny_tokenizer(folder / "tokenizer", max_length=77)  # the builder's byte-level BPE, SD's 77 tokens
+    engine_models.write_tiny_tokenizer(folder / "tokenizer", max_length=77)  # the builder's byte-level BPE, 77 tokens
     vocab = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
@@ -125,7 +125,7 @@ def build_sd_v1(folder: Path, seed: int = 0):
     unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
     del unet
     sd_v1_scheduler().save_pretrained(str(folder / "scheduler"))
-    (folder / "model_index.json").write_text(json.dumps(M._sd_index(), indent=2))
+    (folder / "model_index.json").write_text(json.dumps(engine_models._sd_index(), indent=2))
     return folder
 
 
@@ -159,7 +159,7 @@ _MODEL_CACHE: Dict[Tuple, Any] = {}
 
 def load_bench_model(latent_hw: int, sd_v1: bool, schedule: str, work: Path):
     """Build (once per process) and load the model through the engine's offline loader."""
-    from siss_fast.engine import models as M
+    from siss_fast.engine import models as engine_models
 
     key = (latent_hw, sd_v1, schedule)
     if key in _MODEL_CACHE:
@@ -169,8 +169,8 @@ def load_bench_model(latent_hw: int, sd_v1: bool, schedule: str, work: Path):
         if sd_v1:
             build_sd_v1(folder)
         else:
-            M.build_tiny("tiny-sd", folder, channels=3, image_size=2 * latent_hw, seed=0)
-    model = M.load_model(str(folder))
+            engine_models.build_tiny("tiny-sd", folder, channels=3, image_size=2 * latent_hw, seed=0)
+    model = engine_models.load_model(str(folder))
     if not sd_v1:
         model.unet = tiny_unet(latent_hw, model.unet.config.cross_attention_dim)
     if schedule == "sd":
@@ -182,7 +182,7 @@ def load_bench_model(latent_hw: int, sd_v1: bool, schedule: str, work: Path):
 def prepare(shape: Tuple[int, ...], acc: int, device: torch.device, *, sd_v1: bool, schedule: str,
             work: Path) -> Bench:
     """Model, images and the engine's caches (``RunData``) for micro-batches of ``shape = (B, 4, h, w)``."""
-    from siss_fast.engine import data as D
+    from siss_fast.engine import data as engine_data
     from siss_fast.engine.setup import RunData
 
     batch, channels, h, w = shape
@@ -199,15 +199,15 @@ def prepare(shape: Tuple[int, ...], acc: int, device: torch.device, *, sd_v1: bo
         part.to(device)
     # Unit-variance latents, as SD's scaling_factor 0.18215 gives for its own VAE: calibrate on these images.
     model.vae.register_to_config(scaling_factor=1.0)
-    probe = D.LatentCache(model.vae, torch.cat([retain_img, forget_img]), device, torch.float32)
+    probe = engine_data.LatentCache(model.vae, torch.cat([retain_img, forget_img]), device, torch.float32)
     std = float(((probe.mean + probe.std * torch.randn(probe.mean.shape, generator=gen).to(device))).std())
     model.vae.register_to_config(scaling_factor=1.0 / std)
     run = RunData([Path(f"r{i}.png") for i in range(RETAIN_IMAGES)], [Path(f"f{i}.png") for i in range(FORGET_IMAGES)],
                   (retain_img + 1) / 2, (forget_img + 1) / 2)
-    run.retain_latents = D.LatentCache(model.vae, retain_img, device, torch.float32)
-    run.forget_latents = D.LatentCache(model.vae, forget_img, device, torch.float32)
+    run.retain_latents = engine_data.LatentCache(model.vae, retain_img, device, torch.float32)
+    run.forget_latents = engine_data.LatentCache(model.vae, forget_img, device, torch.float32)
     prompts = [RETAIN_PROMPT] * RETAIN_IMAGES + [FORGET_PROMPT] * FORGET_IMAGES
-    emb, idx = D.encode_prompts(model.tokenizer, model.text_encoder, prompts, device, torch.float32)
+    emb, idx = engine_data.encode_prompts(model.tokenizer, model.text_encoder, prompts, device, torch.float32)
     run.embeddings = emb
     run.retain_prompt_idx = torch.tensor(idx[:RETAIN_IMAGES], dtype=torch.long)
     run.forget_prompt_idx = torch.tensor(idx[RETAIN_IMAGES:], dtype=torch.long)
@@ -288,7 +288,7 @@ class ResearchStep:
     docstring): VAE + text encoder every micro-batch, two backward passes, full gradient clones."""
 
     def __init__(self, bench: Bench, seed: int = 0):
-        from siss_fast.engine import setup as S
+        from siss_fast.engine import setup as run_setup
         from siss_fast.engine.config import EngineConfig, apply_kind_defaults
 
         self.bench = bench
@@ -302,7 +302,7 @@ class ResearchStep:
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                            eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
         cfg.train.steps = 10**6
-        self.lr_schedule = S.make_lr_schedule(cfg, self.optimizer)
+        self.lr_schedule = run_setup.make_lr_schedule(cfg, self.optimizer)
         acp = self.scheduler.alphas_cumprod.to(device)
         self.gamma_table, self.sigma_table = acp.sqrt(), (1 - acp).sqrt()
         self.gen = torch.Generator().manual_seed(seed)
@@ -460,6 +460,8 @@ class _Raiser:
 
 def annotate(rows: List[H.BenchRow], objs: Dict[str, Any], bench: Bench, lag_every: int) -> None:
     """Notes per row: steps/s, mixed-sample counts, gradient buffers, memory; CPU memory from the profiler."""
+    from siss_fast import methods
+
     device = bench.device
     by = {r.provider: r for r in rows}
     for prov, row in by.items():
@@ -476,7 +478,7 @@ def annotate(rows: List[H.BenchRow], objs: Dict[str, Any], bench: Bench, lag_eve
             total = sum(counts.values())
             parts.append(f"split over {obj.steps} steps: retain {counts['retain']}, forget {counts['forget']}, "
                          f"mixed {counts['mixed']} of {total} samples")
-        elif isinstance(obj, LeanStep) and obj.cfg.method.name == "siss":
+        elif isinstance(obj, LeanStep) and methods.get_method(obj.cfg.method.name).partitioned:
             parts.append("unpartitioned: both backwards through every sample")
         if isinstance(obj, LeanStep) and obj.cfg.gradient.mode == "lagged":
             parts.append(f"paths {dict(sorted(obj.paths.items()))}")

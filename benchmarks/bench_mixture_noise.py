@@ -9,7 +9,8 @@ Providers:
 * ``research-eager``: what the research code does: noise both samples (diffusers ``add_noise``, schedule in the
   samples' dtype) and pick one per sample with ``torch.where``.
 * ``compiled-ref``: ``torch.compile`` of :func:`siss_fast.reference.mixture_noise` (plain torch ops).
-* ``torch``, ``cpp``, ``triton``, ``cuda``: the public API ``sf.mixture_noise`` with ``sf.set_backend(name)``.
+* every registered backend (``siss_fast.backends.backend_names()``: ``torch``, ``cpp``, ``triton``, ``cuda``): the
+  public API ``sf.mixture_noise`` with ``sf.set_backend(name)``.
 
 Logical bytes: reads x0, a0, noise, writes noisy (4 tensors).
 """
@@ -26,8 +27,7 @@ import harness as H  # noqa: E402
 import torch  # noqa: E402
 
 OP = "mixture_noise"
-PROVIDERS = ("research-eager", "compiled-ref", "torch", "cpp", "triton", "cuda")
-BACKENDS = ("torch", "cpp", "triton", "cuda")
+PROVIDERS = H.kernel_providers()  # research-eager, compiled-ref, then every registered backend
 MODES = ("forward",)
 
 
@@ -68,17 +68,9 @@ def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: H.Plan) -> Lis
         if provider == "research-eager":
             fns[provider] = lambda: research_eager_mixture(*args)
         elif provider == "compiled-ref":
-            compiled = torch.compile(reference_mixture, backend=plan.compile_backend, dynamic=False)
+            compiled = H.compiled_reference(reference_mixture, plan, notes)
             fns[provider] = lambda f=compiled: f(*args)
-            if plan.compile_backend != "inductor":
-                notes[provider] = f"torch.compile backend={plan.compile_backend} (smoke), not a speed figure"
-        elif provider in BACKENDS:
-            ok, why, interp = H.backend_status(provider, device, numel)
-            if not ok:
-                skipped[provider] = why
-                continue
-            if interp:
-                interpreted.append(provider)
+        elif H.admit_backend(provider, device, numel, skipped, interpreted):
 
             def run(p=provider):
                 H.use_backend(p)

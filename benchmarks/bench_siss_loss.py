@@ -9,7 +9,8 @@ Providers (one row each; unavailable ones are listed with the reason):
 * ``compiled-ref``: ``torch.compile`` of :func:`plain_reference_loss`, the reference math
   (:func:`siss_fast.reference.siss_loss_forward`) in plain torch ops with plain autograd. The public API goes through
   ``siss_fast::`` custom ops, which inductor cannot fuse into, so the compiled baseline calls the reference directly.
-* ``torch``, ``cpp``, ``triton``, ``cuda``: the public API ``sf.siss_loss`` with ``sf.set_backend(name)``.
+* every registered backend (``siss_fast.backends.backend_names()``: ``torch``, ``cpp``, ``triton``, ``cuda``): the
+  public API ``sf.siss_loss`` with ``sf.set_backend(name)``.
 
 Logical bytes: forward reads pred, noisy, x0, a0; backward reads the same four and writes grad; forward+backward is
 the sum of the two passes. Speed target (CPU, 2 threads, 16x4x64x64 fp32, forward+backward): ``cpp`` at least 4x
@@ -28,8 +29,7 @@ import harness as H  # noqa: E402
 import torch  # noqa: E402
 
 OP = "siss_loss"
-PROVIDERS = ("research-eager", "compiled-ref", "torch", "cpp", "triton", "cuda")
-BACKENDS = ("torch", "cpp", "triton", "cuda")
+PROVIDERS = H.kernel_providers()  # research-eager, compiled-ref, then every registered backend
 MODES = ("forward", "backward", "forward+backward")
 LAMBD = 0.5
 FORGET_SCALE = 0.5  # loss = loss_x - FORGET_SCALE * loss_a, what the backward differentiates
@@ -135,17 +135,9 @@ def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: H.Plan) -> Lis
         if provider == "research-eager":
             add(provider, lambda: mode_callables(research_eager_loss, inputs, pred))
         elif provider == "compiled-ref":
-            compiled = torch.compile(plain_reference_loss, backend=plan.compile_backend, dynamic=False)
+            compiled = H.compiled_reference(plain_reference_loss, plan, notes)
             add(provider, lambda: mode_callables(compiled, inputs, pred))
-            if plan.compile_backend != "inductor":
-                notes[provider] = f"torch.compile backend={plan.compile_backend} (smoke), not a speed figure"
-        elif provider in BACKENDS:
-            ok, why, interp = H.backend_status(provider, device, numel)
-            if not ok:
-                skipped[provider] = why
-                continue
-            if interp:
-                interpreted.append(provider)
+        elif H.admit_backend(provider, device, numel, skipped, interpreted):
             add(provider, lambda p=provider: mode_callables(public_loss, inputs, pred, lambda: H.use_backend(p)))
     H.use_backend("auto")
 

@@ -501,7 +501,7 @@ def machine_header(device: torch.device, *, copy: Optional[Dict[str, float]] = N
         **_git_revision(),
     }
     backend_state = {}
-    for name in ("torch", "cpp", "triton", "cuda"):
+    for name in backends.backend_names():
         ok, why = backends.availability(name, device.type)
         backend_state[name] = "available" if ok else f"unavailable: {why}"
         if ok and name == "triton" and device.type == "cpu":
@@ -833,6 +833,56 @@ def make_plan(args: argparse.Namespace, device: torch.device, providers: Sequenc
         rep_ms=rep_ms,
         tiny=bool(args.tiny),
     )
+
+
+def pytest_benchmark(benchmark, name: str, fn: Callable[[], object], device: torch.device, rounds: int,
+                     logical_bytes: Optional[int] = None) -> None:
+    """Time ``fn`` with pytest-benchmark (``benchmark.pedantic``, one warmup round); on CUDA the calls synchronise,
+    and ``benchmark.extra_info`` gets this harness's median and IQR, the GB/s of ``logical_bytes`` (if given) and
+    the peak memory."""
+    if device.type != "cuda":
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        return
+    timing = measure({name: fn}, device, rep_ms=50.0)[name]
+    peak, extra = peak_memory(fn, device)
+    info: Dict[str, object] = {"harness_median_ms": timing.median_ms, "harness_iqr_ms": [timing.q25_ms, timing.q75_ms]}
+    if logical_bytes is not None:
+        info["gbps"] = logical_bytes / (timing.median_ms * 1e-3) / 1e9
+    benchmark.extra_info.update(info, peak_mem_mb=peak, extra_mem_mb=extra)
+
+    def synchronized():
+        fn()
+        torch.cuda.synchronize(device)
+
+    benchmark.pedantic(synchronized, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def kernel_providers() -> Tuple[str, ...]:
+    """The providers of a kernel benchmark: the research code's eager formulation, ``torch.compile`` of the
+    reference, then every registered siss_fast backend (:func:`siss_fast.backends.backend_names`)."""
+    from siss_fast.backends import backend_names
+
+    return ("research-eager", "compiled-ref") + backend_names()
+
+
+def compiled_reference(fn: Callable, plan: "Plan", notes: Dict[str, str]) -> Callable:
+    """``torch.compile(fn)`` with the plan's compile backend (the ``compiled-ref`` provider); notes a smoke run."""
+    compiled = torch.compile(fn, backend=plan.compile_backend, dynamic=False)
+    if plan.compile_backend != "inductor":
+        notes["compiled-ref"] = f"torch.compile backend={plan.compile_backend} (smoke), not a speed figure"
+    return compiled
+
+
+def admit_backend(name: str, device: torch.device, numel: int, skipped: Dict[str, str],
+                  interpreted: List[str]) -> bool:
+    """Whether backend provider ``name`` runs in this case; records why not in ``skipped`` and an interpreted run
+    (no speed figure) in ``interpreted``."""
+    ok, why, interp = backend_status(name, device, numel)
+    if not ok:
+        skipped[name] = why
+    elif interp:
+        interpreted.append(name)
+    return ok
 
 
 def backend_status(name: str, device: torch.device, numel: int) -> Tuple[bool, str, bool]:

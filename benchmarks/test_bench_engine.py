@@ -58,18 +58,7 @@ def test_engine_step(benchmark, provider):
     benchmark.group = f"{case.op} {case.shape} {case.dtype} {case.mode}"
     benchmark.extra_info.update(op=case.op, shape=case.shape, dtype=case.dtype, mode=case.mode, provider=provider,
                                 device=device.type, threads=torch.get_num_threads())
-    if device.type == "cuda":
-        timing = H.measure({provider: fn}, device, rep_ms=50.0)[provider]
-        peak, extra = H.peak_memory(fn, device)
-        benchmark.extra_info.update(harness_median_ms=timing.median_ms, harness_iqr_ms=[timing.q25_ms, timing.q75_ms],
-                                    peak_mem_mb=peak, extra_mem_mb=extra)
-
-        def call():
-            fn()
-            torch.cuda.synchronize(device)
-    else:
-        call = fn
-    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    H.pytest_benchmark(benchmark, provider, fn, device, ROUNDS)
     obj = objs[provider]
     counts = getattr(obj, "counts", None)
     if counts is not None:

@@ -71,16 +71,4 @@ def test_kernel(benchmark, op, mode, provider):
     benchmark.extra_info.update(op=op, shape=case.shape, dtype=case.dtype, mode=mode, provider=provider,
                                 device=device.type, logical_bytes=case.logical_bytes,
                                 interpreter=provider in case.interpreted)
-    if device.type == "cuda":
-        timing = H.measure({provider: fn}, device, rep_ms=50.0)[provider]
-        peak, extra = H.peak_memory(fn, device)
-        benchmark.extra_info.update(harness_median_ms=timing.median_ms, harness_iqr_ms=[timing.q25_ms, timing.q75_ms],
-                                    gbps=case.logical_bytes / (timing.median_ms * 1e-3) / 1e9,
-                                    peak_mem_mb=peak, extra_mem_mb=extra)
-
-        def call():
-            fn()
-            torch.cuda.synchronize(device)
-    else:
-        call = fn
-    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    H.pytest_benchmark(benchmark, provider, fn, device, ROUNDS, logical_bytes=case.logical_bytes)

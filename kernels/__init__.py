@@ -7,10 +7,9 @@ contract of :mod:`siss_fast.reference` (arguments already validated by the op re
 * ``siss_loss_forward(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip) -> (ell_x, ell_a, w_x, w_a)``
 * ``siss_loss_backward(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma) -> dpred``
 
-The same launchers are also registered as ``torch.library.triton_op`` operators
-(``siss_fast::triton_mixture_noise``, ``siss_fast::triton_siss_loss_forward``, ``siss_fast::triton_siss_loss_backward``)
-so that ``torch.compile`` can trace into the Triton kernels; ``TRITON_OPS`` maps the function names to those ops
-(empty if registration failed, with the reason in ``TRITON_OP_ERROR``).
+They run beneath the one public op of each operation (``siss_fast::mixture_noise``, ``siss_fast::siss_loss``,
+``siss_fast::siss_loss_backward`` in :mod:`siss_fast.ops`) when the ``triton`` backend is chosen; there is no second
+registration of them. ``torch.compile`` traces through the public ops (opaque custom ops with fake implementations).
 
 ``KERNELS`` lists every ``@triton.jit`` kernel with the arguments needed to compile it ahead of time for a GPU target
 (used by tests/test_triton_codegen.py). Kernels run on GPU tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was
@@ -19,16 +18,11 @@ set before triton was imported.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
-import torch
-from torch import Tensor
+from typing import Dict, List, Tuple
 
 from ._launch import INTERPRET, elementwise_configs
-from .mixture_noise import launch_mixture_noise, mixture_noise, mixture_noise_kernel
+from .mixture_noise import mixture_noise, mixture_noise_kernel
 from .siss_loss import (
-    launch_siss_loss_backward,
-    launch_siss_loss_forward,
     reduction_layout,
     siss_backward_kernel,
     siss_finish_kernel,
@@ -43,8 +37,6 @@ __all__ = [
     "siss_loss_backward",
     "INTERPRET",
     "KERNELS",
-    "TRITON_OPS",
-    "TRITON_OP_ERROR",
     "reduction_layout",
 ]
 
@@ -138,115 +130,3 @@ DTYPE_VARIANTS: Dict[str, Tuple[str, str, str]] = {
     "bf16_pred_fp32_latents": ("bf16", "fp32", "fp32"),
     "fp64": ("fp64", "fp64", "fp64"),
 }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# torch.library.triton_op registration (lets torch.compile see into the kernels).
-# ---------------------------------------------------------------------------------------------------------------
-
-TRITON_OPS: Dict[str, object] = {}
-TRITON_OP_ERROR: Optional[str] = None
-
-
-def _op_functions(wrap) -> Dict[str, object]:
-    """The three launchers as annotated functions (schemas are inferred from the annotations), launching their
-    kernels through ``wrap``."""
-
-    def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
-        return launch_mixture_noise(x0, a0, noise, gamma, sigma, mask, wrap=wrap)
-
-    def siss_loss_forward(
-        pred: Tensor,
-        noisy: Tensor,
-        x0: Tensor,
-        a0: Tensor,
-        gamma: Tensor,
-        sigma: Tensor,
-        lambd: float,
-        weight_clip: Optional[float] = None,
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        return launch_siss_loss_forward(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip, wrap=wrap)
-
-    def siss_loss_backward(
-        grad_ell_x: Tensor,
-        grad_ell_a: Tensor,
-        w_x: Tensor,
-        w_a: Tensor,
-        pred: Tensor,
-        noisy: Tensor,
-        x0: Tensor,
-        a0: Tensor,
-        gamma: Tensor,
-        sigma: Tensor,
-    ) -> Tensor:
-        return launch_siss_loss_backward(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma, wrap=wrap)
-
-    return {f.__name__: f for f in (mixture_noise, siss_loss_forward, siss_loss_backward)}
-
-
-def _register_triton_ops() -> None:
-    """Register ``siss_fast::triton_<name>`` for the three launchers.
-
-    On a GPU: ``torch.library.triton_op`` with ``wrap_triton``, so torch.compile traces into the Triton kernels.
-    Under ``TRITON_INTERPRET=1``, ``wrap_triton`` returns the interpreted kernel unchanged (there is nothing for
-    torch.compile to trace into), so the ops are registered as opaque ``torch.library.custom_op`` operators with a
-    fake implementation (the launcher with the kernel launches skipped) instead: same names, same schemas, and
-    torch.compile / opcheck still work.
-    """
-    global TRITON_OP_ERROR
-    try:
-        from torch.library import custom_op, triton_op, wrap_triton
-    except ImportError as exc:  # torch too old
-        TRITON_OP_ERROR = f"torch.library.triton_op unavailable: {exc}"
-        return
-
-    ops = {}
-    try:
-        real = _op_functions(lambda kernel: kernel if INTERPRET else wrap_triton(kernel))
-        fake = _op_functions(_SkipOnFake)
-        for name, fn in real.items():
-            qualname = f"siss_fast::triton_{name}"
-            if _op_exists(qualname):
-                # Importing this folder twice (as `kernels` and as `siss_fast.kernels`) must not register twice.
-                ns, op = qualname.split("::")
-                ops[name] = getattr(getattr(torch.ops, ns), op)
-            elif INTERPRET:
-                op = custom_op(qualname, fn, mutates_args=())
-                op.register_fake(fake[name])
-                ops[name] = op
-            else:
-                ops[name] = triton_op(qualname, fn, mutates_args=())
-    except Exception as exc:  # registration is an extra; the plain launchers keep working
-        TRITON_OP_ERROR = f"{type(exc).__name__}: {exc}"
-        return
-    TRITON_OPS.update(ops)
-
-
-class _SkipOnFake:
-    """``kernel[grid](*args)`` that does nothing when an argument is a FakeTensor or a meta tensor."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            from torch._subclasses.fake_tensor import FakeTensor
-
-            if any(isinstance(a, FakeTensor) or (isinstance(a, Tensor) and a.is_meta) for a in args):
-                return None
-            return launch(*args, **kwargs)
-
-        return run
-
-
-def _op_exists(qualname: str) -> bool:
-    ns, op = qualname.split("::")
-    try:
-        return hasattr(getattr(torch.ops, ns), op)
-    except Exception:
-        return False
-
-
-_register_triton_ops()

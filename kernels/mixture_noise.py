@@ -9,13 +9,13 @@ for fp64 inputs), result stored in x0's dtype.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._indexing import row_chunk
 from ._rounding import cast_to_output
 from ._launch import INTERPRET, as_rows, check_device, elementwise_configs
 
@@ -34,14 +34,8 @@ def mixture_noise_kernel(
     D,  # elements per sample
     BLOCK: tl.constexpr,
 ):
-    # 1-D grid of B * cdiv(D, BLOCK) programs (a 1-D grid has no 65535 limit on either factor).
-    pid = tl.program_id(0)
-    chunks_per_row = tl.cdiv(D, BLOCK)
-    row = pid // chunks_per_row
-    # int64 offsets: row * D can exceed 2**31 for large batches of large samples.
-    col = (pid % chunks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_row = col < D
-    offs = row.to(tl.int64) * D + col
+    # 1-D grid of B * cdiv(D, BLOCK) programs; int64 offsets (see row_chunk).
+    row, col, in_row, offs = row_chunk(D, BLOCK)
 
     acc_ty = gamma_ptr.dtype.element_ty
     gamma = tl.load(gamma_ptr + row)
@@ -71,27 +65,6 @@ def _interpreter_block(d: int) -> int:
     return min(16384, max(16, triton.next_power_of_2(d)))
 
 
-def launch_mixture_noise(
-    x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: Tensor, mask: Tensor, wrap: Callable = lambda k: k
-) -> Tensor:
-    """Shared body of the plain launcher and of the ``triton_op`` (which passes ``wrap=torch.library.wrap_triton``)."""
-    batch = x0.shape[0]
-    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
-    if out.numel() == 0:
-        return out
-    x, a, n = as_rows(x0, batch), as_rows(a0, batch), as_rows(noise, batch)
-    d = x.shape[1]
-    mask_bytes = mask.reshape(-1).contiguous().view(torch.uint8)
-    gamma, sigma = gamma.contiguous(), sigma.contiguous()
-    args = (x, a, n, gamma, sigma, mask_bytes, out, d)
-    if INTERPRET:
-        block = _interpreter_block(d)
-        wrap(mixture_noise_kernel)[(batch * triton.cdiv(d, block),)](*args, BLOCK=block)
-    else:
-        wrap(_mixture_noise_tuned)[lambda meta: (batch * triton.cdiv(d, meta["BLOCK"]),)](*args)
-    return out
-
-
 def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
     """``m = gamma*(a0 if mask else x0) + sigma*noise`` in one pass (SPEC §3).
 
@@ -104,4 +77,18 @@ def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: T
         Contiguous tensor of x0's shape and dtype.
     """
     check_device(x0, a0, noise, gamma, sigma, mask)
-    return launch_mixture_noise(x0, a0, noise, gamma, sigma, mask)
+    batch = x0.shape[0]
+    out = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    if out.numel() == 0:
+        return out
+    x, a, n = as_rows(x0, batch), as_rows(a0, batch), as_rows(noise, batch)
+    d = x.shape[1]
+    mask_bytes = mask.reshape(-1).contiguous().view(torch.uint8)
+    gamma, sigma = gamma.contiguous(), sigma.contiguous()
+    args = (x, a, n, gamma, sigma, mask_bytes, out, d)
+    if INTERPRET:
+        block = _interpreter_block(d)
+        mixture_noise_kernel[(batch * triton.cdiv(d, block),)](*args, BLOCK=block)
+    else:
+        _mixture_noise_tuned[lambda meta: (batch * triton.cdiv(d, meta["BLOCK"]),)](*args)
+    return out

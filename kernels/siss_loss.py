@@ -29,13 +29,14 @@ depend on the configuration). Nothing per-element is saved between forward and b
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._indexing import row_chunk
 from ._rounding import cast_to_output
 from ._launch import INTERPRET, as_rows, as_vector, check_device, elementwise_configs, split_hi_lo
 
@@ -371,12 +372,7 @@ def siss_backward_kernel(
     two_over_d_lo,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    chunks_per_row = tl.cdiv(D, BLOCK)
-    row = pid // chunks_per_row
-    col = (pid % chunks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_row = col < D
-    offs = row.to(tl.int64) * D + col
+    row, _, in_row, offs = row_chunk(D, BLOCK)  # 1-D grid of B * cdiv(D, BLOCK) programs, int64 offsets
 
     acc_ty = gamma_ptr.dtype.element_ty
     f64 = tl.float64
@@ -480,18 +476,20 @@ def _log_coefficients(lambd: float, weight_clip: Optional[float]) -> Tuple[float
     return log_keep, log_lambd, clip
 
 
-def launch_siss_loss_forward(
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    lambd: float,
-    weight_clip: Optional[float] = None,
-    wrap: Callable = lambda k: k,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Shared body of the plain launcher and of the ``triton_op`` (``wrap=torch.library.wrap_triton``)."""
+def siss_loss_forward(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor, lambd: float,
+                      weight_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused SISS forward: ``(ell_x, ell_a, w_x, w_a)``, each ``(B,)`` in the accumulation dtype (gamma's).
+
+    Args:
+        pred: ``(B, ...)`` fp16/bf16/fp32/fp64, any strides.
+        noisy, x0, a0: pred's shape, one latent dtype (may differ from pred's), any strides.
+        gamma, sigma: ``(B,)`` fp32 (fp64 for fp64 inputs), sigma > 0.
+        lambd: mixture probability in [0, 1]; weight_clip: None or > 0.
+
+    ``ell_x = w_x * sum_i (pred - eps_x)^2 / D``, likewise ``ell_a``; weights as in
+    :func:`siss_fast.reference.log_weights`. Two launches, no atomics: bitwise deterministic.
+    """
+    check_device(pred, noisy, x0, a0, gamma, sigma)
     batch = pred.shape[0]
     acc = gamma.dtype
     device = pred.device
@@ -503,7 +501,7 @@ def launch_siss_loss_forward(
     partials = torch.empty((3, batch, n_chunks), dtype=acc, device=device)
     if n_chunks > 0:
         grid = (batch * n_chunks,)
-        wrap(siss_partials_kernel)[grid](
+        siss_partials_kernel[grid](
             p, m, x, a, gamma, sigma, partials, d, chunk, n_chunks, batch * n_chunks, BLOCK=block,
             num_warps=4 if INTERPRET else _GPU_REDUCE_WARPS,
         )
@@ -514,7 +512,7 @@ def launch_siss_loss_forward(
     w_a = torch.empty(batch, dtype=acc, device=device)
     log_keep, log_lambd, clip = _log_coefficients(lambd, weight_clip)
     block_b, block_c = _finish_blocks(batch, n_chunks)
-    wrap(siss_finish_kernel)[(triton.cdiv(batch, block_b),)](
+    siss_finish_kernel[(triton.cdiv(batch, block_b),)](
         partials, p, m, x, a, gamma, sigma, ell_x, ell_a, w_x, w_a, batch, d, n_chunks, batch * n_chunks,
         *split_hi_lo(log_keep), *split_hi_lo(log_lambd), *split_hi_lo(clip),
         BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_W=_wide_block(d), num_warps=4,
@@ -522,20 +520,14 @@ def launch_siss_loss_forward(
     return ell_x, ell_a, w_x, w_a
 
 
-def launch_siss_loss_backward(
-    grad_ell_x: Tensor,
-    grad_ell_a: Tensor,
-    w_x: Tensor,
-    w_a: Tensor,
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    wrap: Callable = lambda k: k,
-) -> Tensor:
-    """Shared body of the plain launcher and of the ``triton_op`` (``wrap=torch.library.wrap_triton``)."""
+def siss_loss_backward(grad_ell_x: Tensor, grad_ell_a: Tensor, w_x: Tensor, w_a: Tensor, pred: Tensor, noisy: Tensor,
+                       x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor) -> Tensor:
+    """Gradient of ``sum_b g_x[b]*ell_x[b] + g_a[b]*ell_a[b]`` w.r.t. pred, one elementwise pass.
+
+    ``dpred = (2/D) * (c_x*(pred - eps_x) + c_a*(pred - eps_a))`` with ``c = g*w`` (0 where g == 0).
+    ``grad_ell_*``, ``w_*``: ``(B,)``; returns a contiguous tensor of pred's shape and dtype.
+    """
+    check_device(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma)
     batch = pred.shape[0]
     out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
     if out.numel() == 0:
@@ -549,53 +541,7 @@ def launch_siss_loss_backward(
     )
     if INTERPRET:
         block = min(16384, max(16, triton.next_power_of_2(d)))
-        wrap(siss_backward_kernel)[(batch * triton.cdiv(d, block),)](*args, BLOCK=block)
+        siss_backward_kernel[(batch * triton.cdiv(d, block),)](*args, BLOCK=block)
     else:
-        wrap(_siss_backward_tuned)[lambda meta: (batch * triton.cdiv(d, meta["BLOCK"]),)](*args)
+        _siss_backward_tuned[lambda meta: (batch * triton.cdiv(d, meta["BLOCK"]),)](*args)
     return out
-
-
-def siss_loss_forward(
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    lambd: float,
-    weight_clip: Optional[float] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused SISS forward: ``(ell_x, ell_a, w_x, w_a)``, each ``(B,)`` in the accumulation dtype (gamma's).
-
-    Args:
-        pred: ``(B, ...)`` fp16/bf16/fp32/fp64, any strides.
-        noisy, x0, a0: pred's shape, one latent dtype (may differ from pred's), any strides.
-        gamma, sigma: ``(B,)`` fp32 (fp64 for fp64 inputs), sigma > 0.
-        lambd: mixture probability in [0, 1]; weight_clip: None or > 0.
-
-    ``ell_x = w_x * sum_i (pred - eps_x)^2 / D``, likewise ``ell_a``; weights as in
-    :func:`siss_fast.reference.log_weights`. Two launches, no atomics: bitwise deterministic.
-    """
-    check_device(pred, noisy, x0, a0, gamma, sigma)
-    return launch_siss_loss_forward(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip)
-
-
-def siss_loss_backward(
-    grad_ell_x: Tensor,
-    grad_ell_a: Tensor,
-    w_x: Tensor,
-    w_a: Tensor,
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-) -> Tensor:
-    """Gradient of ``sum_b g_x[b]*ell_x[b] + g_a[b]*ell_a[b]`` w.r.t. pred, one elementwise pass.
-
-    ``dpred = (2/D) * (c_x*(pred - eps_x) + c_a*(pred - eps_a))`` with ``c = g*w`` (0 where g == 0).
-    ``grad_ell_*``, ``w_*``: ``(B,)``; returns a contiguous tensor of pred's shape and dtype.
-    """
-    check_device(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma)
-    return launch_siss_loss_backward(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma)

@@ -7,8 +7,8 @@ never touch CUDA. Importing ``siss_fast._C`` registers the ``siss_fast::*_ext`` 
 * ``siss_fast::siss_loss_forward_ext(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip) -> (ell_x, ell_a, w_x, w_a)``
 * ``siss_fast::siss_loss_backward_ext(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma) -> Tensor``
 
-with CPU kernels always and CUDA kernels when the extension was compiled with them. The three functions below
-have the exact signatures and contract of :mod:`siss_fast.reference`; arguments reach them validated by
+with CPU kernels always and CUDA kernels when the extension was compiled with them. :func:`ops` returns them under
+the names and with the contract of :mod:`siss_fast.reference`; arguments reach them validated by
 :mod:`siss_fast._checks`.
 
 The CPU kernels are compiled once per CPU capability (``default``; on x86-64 also ``avx2`` and ``avx512``); the
@@ -21,10 +21,10 @@ independent of the thread count for one capability; capabilities agree to roundi
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import Tensor
 
 __all__ = [
     "available",
@@ -34,9 +34,7 @@ __all__ = [
     "cpu_capability",
     "supported_cpu_capabilities",
     "set_cpu_capability",
-    "mixture_noise",
-    "siss_loss_forward",
-    "siss_loss_backward",
+    "ops",
 ]
 
 OP_NAMES = ("mixture_noise_ext", "siss_loss_forward_ext", "siss_loss_backward_ext")
@@ -126,41 +124,17 @@ def _require() -> None:
         raise RuntimeError(f"siss_fast compiled extension unavailable: {_FAILURE}")
 
 
-def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
-    """``m = gamma*(a0 if mask else x0) + sigma*noise``; see :func:`siss_fast.reference.mixture_noise`."""
+_OPS: Optional[SimpleNamespace] = None
+
+
+def ops() -> SimpleNamespace:
+    """The backend functions of ``cpp`` and ``cuda``: the ``siss_fast::*_ext`` operators under the names and with
+    the contract of :mod:`siss_fast.reference` (``mixture_noise``, ``siss_loss_forward``, ``siss_loss_backward``;
+    the C++ kernels pick the CPU or CUDA implementation by the tensors' device)."""
+    global _OPS
     _require()
-    return torch.ops.siss_fast.mixture_noise_ext(x0, a0, noise, gamma, sigma, mask)
-
-
-def siss_loss_forward(
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    lambd: float,
-    weight_clip: Optional[float] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(ell_x, ell_a, w_x, w_a)``, each ``(B,)``; see :func:`siss_fast.reference.siss_loss_forward`."""
-    _require()
-    clip = None if weight_clip is None else float(weight_clip)
-    return tuple(torch.ops.siss_fast.siss_loss_forward_ext(pred, noisy, x0, a0, gamma, sigma, float(lambd), clip))
-
-
-def siss_loss_backward(
-    grad_ell_x: Tensor,
-    grad_ell_a: Tensor,
-    w_x: Tensor,
-    w_a: Tensor,
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-) -> Tensor:
-    """Gradient with respect to ``pred``; see :func:`siss_fast.reference.siss_loss_backward`."""
-    _require()
-    return torch.ops.siss_fast.siss_loss_backward_ext(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma,
-                                                      sigma)
+    if _OPS is None:
+        ext = torch.ops.siss_fast
+        _OPS = SimpleNamespace(mixture_noise=ext.mixture_noise_ext, siss_loss_forward=ext.siss_loss_forward_ext,
+                               siss_loss_backward=ext.siss_loss_backward_ext)
+    return _OPS

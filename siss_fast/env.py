@@ -58,7 +58,7 @@ def env_report() -> str:
     lines.append("")
     lines.append(f"backend requested: {backends.get_backend()} (env {backends.ENV_VAR}="
                  f"{os.environ.get(backends.ENV_VAR, '<unset>')})")
-    for name in backends.BACKENDS[1:]:
+    for name in backends.backend_names():
         ok, why = backends.availability(name)
         lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {why}")
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _checks as C
+from . import _checks as checks
 from . import ops
 
 __all__ = ["SISSTerms", "schedule_coefficients", "mixture_noise", "importance_weights", "siss_loss", "model_output"]
@@ -42,21 +42,21 @@ def schedule_coefficients(
     Returns:
         ``(gamma, sigma)``, each ``(B,)`` of ``dtype`` on the timesteps' device.
     """
-    table = C.check_tensor("alphas_cumprod", alphas_cumprod)
+    table = checks.check_tensor("alphas_cumprod", alphas_cumprod)
     if table.dim() != 1 or table.shape[0] < 1:
         raise ValueError(f"alphas_cumprod: expected a 1-D table of length T >= 1, got shape {tuple(table.shape)}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
-    t = C.check_timesteps(timesteps, table.shape[0])
+    t = checks.check_timesteps(timesteps, table.shape[0])
     abar = table.to(device=t.device, dtype=torch.float64)[t.long()]
-    if C.value_checks_enabled() and not bool(((abar > 0) & (abar < 1)).all()):
+    if checks.value_checks_enabled() and not bool(((abar > 0) & (abar < 1)).all()):
         bad = abar[~((abar > 0) & (abar < 1))][:4].tolist()
         raise ValueError(f"alphas_cumprod: expected values in (0, 1) at the requested timesteps, got {bad}")
     return abar.sqrt().to(dtype), (1.0 - abar).sqrt().to(dtype)
 
 
 def _per_sample_vector(name: str, x: object, batch: int, acc: torch.dtype) -> Tensor:
-    return C.check_per_sample(name, x, batch).to(acc).contiguous()
+    return checks.check_per_sample(name, x, batch).to(acc).contiguous()
 
 
 def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
@@ -73,16 +73,17 @@ def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: T
         ``(B, ...)`` contiguous tensor in the promoted dtype of x0, a0 and noise; arithmetic in fp32 (fp64 for fp64).
         Differentiable with respect to x0, a0 and noise.
     """
-    tensors = {"x0": C.check_tensor("x0", x0), "a0": C.check_tensor("a0", a0), "noise": C.check_tensor("noise", noise)}
-    shape = C.check_same_shape(tensors)
+    tensors = {"x0": checks.check_tensor("x0", x0), "a0": checks.check_tensor("a0", a0),
+               "noise": checks.check_tensor("noise", noise)}
+    shape = checks.check_same_shape(tensors)
     batch = shape[0]
-    dtype = C.promote(list(tensors.values()))
+    dtype = checks.promote(list(tensors.values()))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = _per_sample_vector("gamma", gamma, batch, acc)
     s = _per_sample_vector("sigma", sigma, batch, acc)
-    m = C.check_mask("mask", mask, batch)
-    C.check_same_device({**tensors, "gamma": gamma, "sigma": sigma, "mask": mask})
-    C.check_sigma_positive(s)
+    m = checks.check_mask("mask", mask, batch)
+    checks.check_same_device({**tensors, "gamma": gamma, "sigma": sigma, "mask": mask})
+    checks.check_sigma_positive(s)
     x0, a0, noise = (t.to(dtype) for t in tensors.values())
     return ops.call_mixture_noise(x0, a0, noise, g, s, m.contiguous())
 
@@ -90,22 +91,22 @@ def mixture_noise(x0: Tensor, a0: Tensor, noise: Tensor, gamma: Tensor, sigma: T
 def _prepare_loss_inputs(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip):
     """Check and normalise the arguments shared by :func:`siss_loss` and :func:`importance_weights`."""
     tensors = {
-        "pred": C.check_tensor("pred", pred),
-        "noisy": C.check_tensor("noisy", noisy),
-        "x0": C.check_tensor("x0", x0),
-        "a0": C.check_tensor("a0", a0),
+        "pred": checks.check_tensor("pred", pred),
+        "noisy": checks.check_tensor("noisy", noisy),
+        "x0": checks.check_tensor("x0", x0),
+        "a0": checks.check_tensor("a0", a0),
     }
-    shape = C.check_same_shape(tensors)
+    shape = checks.check_same_shape(tensors)
     batch = shape[0]
-    lambd = C.check_lambd(lambd)
-    weight_clip = C.check_weight_clip(weight_clip)
-    latent_dtype = C.promote([tensors["noisy"], tensors["x0"], tensors["a0"]])
+    lambd = checks.check_lambd(lambd)
+    weight_clip = checks.check_weight_clip(weight_clip)
+    latent_dtype = checks.promote([tensors["noisy"], tensors["x0"], tensors["a0"]])
     fp64 = latent_dtype == torch.float64 or tensors["pred"].dtype == torch.float64
     acc = torch.float64 if fp64 else torch.float32
     g = _per_sample_vector("gamma", gamma, batch, acc)
     s = _per_sample_vector("sigma", sigma, batch, acc)
-    C.check_same_device({**tensors, "gamma": gamma, "sigma": sigma})
-    C.check_sigma_positive(s)
+    checks.check_same_device({**tensors, "gamma": gamma, "sigma": sigma})
+    checks.check_sigma_positive(s)
     if fp64:
         latent_dtype = torch.float64
         pred = pred.to(torch.float64)
@@ -113,16 +114,8 @@ def _prepare_loss_inputs(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip):
     return pred, noisy, x0, a0, g, s, lambd, weight_clip
 
 
-def importance_weights(
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    lambd: float,
-    *,
-    weight_clip: Optional[float] = None,
-) -> Tuple[Tensor, Tensor]:
+def importance_weights(noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor, lambd: float, *,
+                       weight_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """Importance weights of the mixture sample (SPEC §4).
 
     ``w_x = 1 / ((1-lambd) + lambd*exp(delta))``, ``w_a = 1 / ((1-lambd)*exp(-delta) + lambd)`` with
@@ -140,18 +133,8 @@ def importance_weights(
     return w_x, w_a
 
 
-def siss_loss(
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    lambd: float,
-    *,
-    weight_clip: Optional[float] = None,
-    reduction: str = "mean",
-) -> SISSTerms:
+def siss_loss(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor, lambd: float, *,
+              weight_clip: Optional[float] = None, reduction: str = "mean") -> SISSTerms:
     """Fused SISS loss (SPEC §4): both importance-weighted terms from one prediction on the mixture sample.
 
     Per sample, with ``eps_x = (noisy - gamma*x0)/sigma`` and ``eps_a = (noisy - gamma*a0)/sigma``:
@@ -167,7 +150,7 @@ def siss_loss(
         :class:`SISSTerms` ``(loss_x, loss_a, weight_x, weight_a)``. Losses are fp32 (fp64 for fp64 inputs) and
         differentiable w.r.t. ``pred`` only: ``d ell_x / d pred = 2*w_x*(pred - eps_x)/D``.
     """
-    reduction = C.check_reduction(reduction)
+    reduction = checks.check_reduction(reduction)
     args = _prepare_loss_inputs(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip)
     ell_x, ell_a, w_x, w_a = ops.call_siss_loss(*args)
     if reduction == "mean":

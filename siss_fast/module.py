@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _checks as C
+from . import _checks as checks
 from .functional import SISSTerms, mixture_noise, model_output, schedule_coefficients, siss_loss
 
 __all__ = ["SISSLoss", "sample_timesteps", "select_per_sample"]
@@ -67,13 +67,13 @@ class SISSLoss(nn.Module):
     def __init__(self, alphas_cumprod: Tensor, lambd: float = 0.5, *, weight_clip: Optional[float] = None,
                  reduction: str = "mean"):
         super().__init__()
-        table = C.check_tensor("alphas_cumprod", torch.as_tensor(alphas_cumprod))
+        table = checks.check_tensor("alphas_cumprod", torch.as_tensor(alphas_cumprod))
         if table.dim() != 1 or table.shape[0] < 1:
             raise ValueError(f"alphas_cumprod: expected a 1-D table of length T >= 1, got shape {tuple(table.shape)}")
         self.register_buffer("alphas_cumprod", table.detach().to(torch.float64).clone(), persistent=False)
-        self.lambd = C.check_lambd(lambd)
-        self.weight_clip = C.check_weight_clip(weight_clip)
-        self.reduction = C.check_reduction(reduction)
+        self.lambd = checks.check_lambd(lambd)
+        self.weight_clip = checks.check_weight_clip(weight_clip)
+        self.reduction = checks.check_reduction(reduction)
 
     @property
     def num_timesteps(self) -> int:
@@ -93,9 +93,9 @@ class SISSLoss(nn.Module):
         generator: Optional[torch.Generator] = None,
         t_range: Optional[Tuple[int, int]] = None,
     ) -> SISSTerms:
-        x0 = C.check_tensor("x0", x0)
-        a0 = C.check_tensor("a0", a0)
-        C.check_same_shape({"x0": x0, "a0": a0})
+        x0 = checks.check_tensor("x0", x0)
+        a0 = checks.check_tensor("a0", a0)
+        checks.check_same_shape({"x0": x0, "a0": a0})
         batch, device = x0.shape[0], x0.device
         gen_device = generator.device if generator is not None else device
         if timesteps is None:
@@ -108,7 +108,7 @@ class SISSLoss(nn.Module):
         noisy = mixture_noise(x0, a0, noise, gamma, sigma, mask)
         kwargs = dict(model_kwargs or {})
         if forget_model_kwargs is not None:
-            kwargs = select_per_sample(C.check_mask("mask", mask, batch), dict(forget_model_kwargs), kwargs)
+            kwargs = select_per_sample(checks.check_mask("mask", mask, batch), dict(forget_model_kwargs), kwargs)
         pred = model_output(model(noisy, timesteps, **kwargs))
         return siss_loss(pred, noisy, x0, a0, gamma, sigma, self.lambd, weight_clip=self.weight_clip,
                          reduction=self.reduction)

@@ -7,17 +7,8 @@
     # terms.retain: scalar whose gradient is G_x; terms.forget: scalar whose gradient is G_a (always a positive
     # loss); objective.rule_hint says how SPEC §6 combines them ("rescale": G = G_x - c/|G_a| * G_a, ...).
 
-Per sample, with ``L(pred, target) = mean_i (pred - target)^2``, ``x_t = gamma x0 + sigma eps``, ``a_t`` likewise,
-``m`` the mixture sample (SPEC §3) and ``eps_x``, ``eps_a``, ``w_x``, ``w_a`` as in SPEC §4:
-
-| method      | retain term (G_x)                          | forget term (G_a)                 | passes | rule_hint   |
-|-------------|--------------------------------------------|-----------------------------------|--------|-------------|
-| `siss`      | w_x L(eps_theta(m), eps_x)                 | w_a L(eps_theta(m), eps_a)        | 1      | `rescale`   |
-| `siss_nois` | L(eps_theta(x_t), eps)                     | L(eps_theta(a_t), eps)            | 2      | `rescale`   |
-| `naive`     | L(eps_theta(x_t), eps)                     | none                              | 1      | None        |
-| `neggrad`   | none                                       | L(eps_theta(a_t), eps)            | 1      | `rescale`   |
-| `erasediff` | L(eps_theta(x_t), eps)                     | L(eps_theta(a_t), u), u ~ U[0, 1) | 2      | `erasediff` |
-| `bernoulli` | 1{not mask}/(1-lambd) L(eps_theta(m), eps) | 1{mask} L(eps_theta(m), eps)      | 1      | `rescale`   |
+The methods and their terms are the records of :mod:`siss_fast.methods` (its docstring has the table of retain and
+forget terms per method); this module samples, checks the parameters against the record and scales the terms.
 
 For every method but `erasediff` the forget term is the score-matching loss of the forget set, which the rule
 *subtracts*; for `erasediff` it is a loss towards uniform noise, which the EraseDiff rule *adds* (with a
@@ -27,14 +18,15 @@ term unbiased (as the research code does): the `rescale` rule normalises the for
 
 Sampling, per call and in this order (so a seeded ``generator`` reproduces it): timesteps
 ``t ~ U{t_min..t_max}`` (B,), shared by the (x0[b], a0[b]) pair; noise ``eps ~ N(0, I)`` of x0's shape, shared by
-the pair; for `siss`/`bernoulli` the mask ``rand(B) < lambd`` (True = forget component); for `erasediff` the
-target ``u = rand(x0.shape)`` (fp32). Draws use ``generator`` (on its device) when given, else the default generator of
-x0's device. This is the order :class:`siss_fast.SISSLoss` samples in.
+the pair; for the methods that take ``lambd`` (`siss`, `bernoulli`) the mask ``rand(B) < lambd`` (True = forget
+component); for `erasediff` the target ``u = rand(x0.shape)`` (fp32). Draws use ``generator`` (on its device) when
+given, else the default generator of x0's device. This is the order :class:`siss_fast.SISSLoss` samples in.
 
 Retain source: ``"complement"`` (x0 drawn from X \\ A, what the research code does; no scaling) or ``"full"``
 (x0 drawn from all of X, as the paper writes it): from p_{X\\A} = n/(n-k) p_X - k/(n-k) p_A the retain term is
 multiplied by n/(n-k) and the forget term by k/(n-k). `full` needs ``n`` and ``k`` and only applies to the methods
-whose forget term is subtracted (not `naive`, which would then fine-tune on X, nor `erasediff`).
+whose forget term is subtracted (``MethodSpec.full_retain``; not `naive`, which would then fine-tune on X, nor
+`erasediff`).
 
 Conditioning: ``cond_x`` / ``cond_a`` are model-kwargs dicts of the retain and forget samples (``cond_a`` defaults
 to ``cond_x``). A forward pass on the mixture or Bernoulli sample gets, for every batch-dim tensor, the forget
@@ -53,26 +45,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-import siss_fast as sf
-from siss_fast.module import sample_timesteps, select_per_sample
+from siss_fast.methods import MethodBatch, check_method_params
+from siss_fast.module import sample_timesteps
 
-__all__ = ["METHODS", "RETAIN_SOURCES", "RULE_HINTS", "Objective", "ObjectiveTerms", "make_objective"]
-
-METHODS = ("siss", "siss_nois", "naive", "neggrad", "erasediff", "bernoulli")
-RETAIN_SOURCES = ("complement", "full")
-
-# The combination rule of SPEC §6 each method is meant to be run with (None: there is no forget term).
-RULE_HINTS: Dict[str, Optional[str]] = {
-    "siss": "rescale",
-    "siss_nois": "rescale",
-    "naive": None,
-    "neggrad": "rescale",
-    "erasediff": "erasediff",
-    "bernoulli": "rescale",
-}
-
-_USES_LAMBD = ("siss", "bernoulli")
-_SUBTRACTS_FORGET = ("siss", "siss_nois", "neggrad", "bernoulli")  # methods for which retain_source="full" applies
+__all__ = ["Objective", "ObjectiveTerms", "make_objective"]
 
 
 @dataclass
@@ -161,21 +137,16 @@ def _check_batch(x0: object, a0: object) -> None:
 # ---------------------------------------------------------------------------------------------------- objective
 
 
-def _plain_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """``(B,)`` mean_i (pred - target)^2, accumulated in fp32 (fp64 if either is fp64)."""
-    acc = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
-    return (pred.to(acc) - target.to(acc)).square().reshape(pred.shape[0], -1).mean(dim=1)
-
-
 class Objective:
-    """One method of the loss family (see the module docstring).
+    """One method of the loss family (see the module docstring and :mod:`siss_fast.methods`).
 
     Args:
-        method: one of :data:`METHODS`.
+        method: a registered method name (:func:`siss_fast.methods.method_names`).
         alphas_cumprod: ``(T,)`` table of the noise scheduler (kept in fp64).
-        lambd: forget-component probability; `siss` (in [0, 1], default 0.5) and `bernoulli` (in (0, 1),
-            default 0.5) only.
-        weight_clip: `siss` only: None or > 0, upper bound on the importance weights.
+        lambd: forget-component probability, for the methods whose record takes it (`siss`: [0, 1], `bernoulli`:
+            (0, 1); default the record's ``lambd_default``, 0.5).
+        weight_clip: for the methods whose record takes it (`siss`): None or > 0, upper bound on the importance
+            weights.
         retain_source: ``"complement"`` (default) or ``"full"`` (needs ``n`` and ``k``).
         n, k: sizes of the training set X and of the forget set A (1 <= k < n).
         t_range: inclusive ``(t_min, t_max)``, default the whole range ``(0, T - 1)``.
@@ -197,36 +168,22 @@ class Objective:
         k: Optional[int] = None,
         t_range: Optional[Tuple[int, int]] = None,
     ):
-        if method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-        self.method = method
+        spec = check_method_params(method, lambd=None if lambd is None else _real("lambd", lambd),
+                                   weight_clip=weight_clip, retain_source=retain_source)
+        self.method, self.spec = method, spec
         self.alphas_cumprod = _check_alphas_cumprod(alphas_cumprod)
         self.t_range = _check_t_range(t_range, self.num_timesteps)
-
-        if method in _USES_LAMBD:
-            value = 0.5 if lambd is None else _real("lambd", lambd)
-            if method == "siss" and not 0.0 <= value <= 1.0:
-                raise ValueError(f"lambd: expected 0 <= lambd <= 1 for method 'siss', got {value!r}")
-            if method == "bernoulli" and not 0.0 < value < 1.0:
-                raise ValueError(f"lambd: expected 0 < lambd < 1 for method 'bernoulli', got {value!r}")
-            self.lambd: Optional[float] = value
-        elif lambd is not None:
-            raise ValueError(f"lambd: only methods {_USES_LAMBD} take it, got lambd={lambd!r} for {method!r}")
-        else:
-            self.lambd = None
+        self.lambd: Optional[float] = None
+        if spec.lambd is not None:
+            self.lambd = spec.lambd_default if lambd is None else float(lambd)
 
         if weight_clip is not None:
-            if method != "siss":
-                raise ValueError(f"weight_clip: only method 'siss' takes it, got weight_clip={weight_clip!r} "
-                                 f"for {method!r}")
             value = _real("weight_clip", weight_clip)
             if not value > 0.0:
                 raise ValueError(f"weight_clip: expected None or a number > 0, got {value!r}")
             weight_clip = None if math.isinf(value) else value
         self.weight_clip = weight_clip
 
-        if retain_source not in RETAIN_SOURCES:
-            raise ValueError(f"retain_source: expected one of {RETAIN_SOURCES}, got {retain_source!r}")
         self.retain_source = retain_source
         self.n = None if n is None else _integer("n", n)
         self.k = None if k is None else _integer("k", k)
@@ -236,17 +193,11 @@ class Objective:
             raise ValueError(f"n: expected the training-set size n > k = {self.k}, got {self.n}")
         self.retain_scale, self.forget_scale = 1.0, 1.0
         if retain_source == "full":
-            if method not in _SUBTRACTS_FORGET:
-                raise ValueError(f"retain_source: 'full' applies to methods {_SUBTRACTS_FORGET}, got method "
-                                 f"{method!r} (use 'complement')")
             if self.n is None or self.k is None:
                 raise ValueError(f"n, k: retain_source='full' needs both set sizes, got n={n!r}, k={k!r}")
             self.retain_scale = self.n / (self.n - self.k)
             self.forget_scale = self.k / (self.n - self.k)
-
-        if method == "siss":
-            self._siss = sf.SISSLoss(self.alphas_cumprod, self.lambd, weight_clip=self.weight_clip,
-                                     reduction="none")
+        self.state = spec.build(self) if spec.build is not None else None
 
     @property
     def num_timesteps(self) -> int:
@@ -255,7 +206,7 @@ class Objective:
     @property
     def rule_hint(self) -> Optional[str]:
         """The gradient-combination rule of SPEC §6 this method expects (None when it has no forget term)."""
-        return RULE_HINTS[self.method]
+        return self.spec.rule
 
     def __repr__(self) -> str:
         return (f"Objective({self.method!r}, T={self.num_timesteps}, lambd={self.lambd}, "
@@ -277,47 +228,18 @@ class Objective:
         batch, device = x0.shape[0], x0.device
         if self.alphas_cumprod.device != device:  # keep the small table where the latents are
             self.alphas_cumprod = self.alphas_cumprod.to(device)
-            if self.method == "siss":
-                self._siss.to(device)
+            if hasattr(self.state, "to"):
+                self.state.to(device)
         draw_device = generator.device if generator is not None else device
 
         timesteps = sample_timesteps(batch, self.num_timesteps, self.t_range, device, generator)
         noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype).to(device)
         mask = None
-        if self.method in _USES_LAMBD:
+        if self.spec.lambd is not None:
             mask = (torch.rand((batch,), generator=generator, device=draw_device) < self.lambd).to(device)
 
-        def predict(noisy: Tensor, cond: Dict[str, Any]) -> Tensor:
-            return sf.model_output(model(noisy, timesteps, **cond))
-
-        retain_ps = forget_ps = weight_x = weight_a = None
-        if self.method == "siss":
-            terms = self._siss(model, x0, a0, model_kwargs=cond_x,
-                               forget_model_kwargs=None if cond_a is cond_x else cond_a,
-                               timesteps=timesteps, noise=noise, mask=mask)
-            retain_ps, forget_ps, weight_x, weight_a = terms
-        elif self.method == "bernoulli":
-            gamma, sigma = sf.schedule_coefficients(self.alphas_cumprod, timesteps)
-            noisy = sf.mixture_noise(x0, a0, noise, gamma, sigma, mask)
-            cond = cond_x if cond_a is cond_x else select_per_sample(mask, cond_a, cond_x)
-            loss = _plain_loss(predict(noisy, cond), noise)
-            zero = torch.zeros_like(loss)
-            retain_ps = torch.where(mask, zero, loss / (1.0 - self.lambd))
-            forget_ps = torch.where(mask, loss, zero)
-        else:
-            gamma, sigma = sf.schedule_coefficients(self.alphas_cumprod, timesteps)
-            all_forget = torch.ones(batch, dtype=torch.bool, device=device)
-            if self.method in ("siss_nois", "naive", "erasediff"):
-                x_t = sf.mixture_noise(x0, a0, noise, gamma, sigma, ~all_forget)  # gamma*x0 + sigma*eps
-                retain_ps = _plain_loss(predict(x_t, cond_x), noise)
-            if self.method in ("siss_nois", "neggrad", "erasediff"):
-                a_t = sf.mixture_noise(x0, a0, noise, gamma, sigma, all_forget)  # gamma*a0 + sigma*eps
-                pred_a = predict(a_t, cond_a)
-                if self.method == "erasediff":
-                    target = torch.rand(x0.shape, generator=generator, device=draw_device).to(device)
-                else:
-                    target = noise
-                forget_ps = _plain_loss(pred_a, target)
+        retain_ps, forget_ps, weight_x, weight_a = self.spec.forward(MethodBatch(
+            self, model, x0, a0, noise, timesteps, mask, cond_x, cond_a, generator, draw_device))
 
         if retain_ps is not None and self.retain_scale != 1.0:
             retain_ps = retain_ps * self.retain_scale

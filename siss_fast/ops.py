@@ -1,6 +1,8 @@
 """The one registry of ``siss_fast::`` ops: schemas, fake (meta) implementations and autograd.
 
-Every backend plugs in beneath these three ops (see :mod:`siss_fast.backends`); ``torch.compile(fullgraph=True)``
+Every backend plugs in beneath these three ops (see :mod:`siss_fast.backends`: the registered backend of the
+tensors' device runs; there is no second registration per backend -- the compiled extension's ``*_ext`` operators
+are that backend's implementation, and the Triton kernels are plain launchers); ``torch.compile(fullgraph=True)``
 traces through them without graph breaks because they are registered ``torch.library`` custom ops.
 
 * ``siss_fast::mixture_noise(x0, a0, noise, gamma, sigma, mask) -> noisy``
@@ -76,16 +78,8 @@ mixture_noise.register_autograd(_mixture_noise_backward, setup_context=_mixture_
 
 
 @torch.library.custom_op("siss_fast::siss_loss", mutates_args=())
-def siss_loss(
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    lambd: float,
-    weight_clip: Optional[float],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def siss_loss(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor, lambd: float,
+              weight_clip: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused SISS forward: ``(ell_x, ell_a, w_x, w_a)``, each ``(B,)`` in gamma's (accumulation) dtype."""
     _, module = backends.resolve(pred.device)
     return module.siss_loss_forward(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip)
@@ -98,18 +92,8 @@ def _(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip):
 
 
 @torch.library.custom_op("siss_fast::siss_loss_backward", mutates_args=())
-def siss_loss_backward(
-    grad_ell_x: Tensor,
-    grad_ell_a: Tensor,
-    w_x: Tensor,
-    w_a: Tensor,
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-) -> Tensor:
+def siss_loss_backward(grad_ell_x: Tensor, grad_ell_a: Tensor, w_x: Tensor, w_a: Tensor, pred: Tensor, noisy: Tensor,
+                       x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor) -> Tensor:
     """``d/dpred`` of ``sum_b g_x[b]*ell_x[b] + g_a[b]*ell_a[b]``, in pred's dtype and shape, contiguous."""
     _, module = backends.resolve(pred.device)
     return module.siss_loss_backward(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma)

@@ -155,16 +155,8 @@ def _residuals(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tenso
     return res_x, res_a, delta_terms
 
 
-def siss_loss_forward(
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-    lambd: float,
-    weight_clip: Optional[float] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def siss_loss_forward(pred: Tensor, noisy: Tensor, x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor, lambd: float,
+                      weight_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused SISS forward: per-sample weighted losses and importance weights.
 
     Returns ``(ell_x, ell_a, w_x, w_a)``, each ``(B,)`` in the accumulation dtype, with
@@ -259,18 +251,8 @@ def _times_residual(coef: Tensor, res: Tensor) -> Tensor:
     return torch.where((c == 0) | (r == 0), torch.zeros_like(r), c * r)
 
 
-def siss_loss_backward(
-    grad_ell_x: Tensor,
-    grad_ell_a: Tensor,
-    w_x: Tensor,
-    w_a: Tensor,
-    pred: Tensor,
-    noisy: Tensor,
-    x0: Tensor,
-    a0: Tensor,
-    gamma: Tensor,
-    sigma: Tensor,
-) -> Tensor:
+def siss_loss_backward(grad_ell_x: Tensor, grad_ell_a: Tensor, w_x: Tensor, w_a: Tensor, pred: Tensor, noisy: Tensor,
+                       x0: Tensor, a0: Tensor, gamma: Tensor, sigma: Tensor) -> Tensor:
     """Gradient of ``sum_b g_x[b]*ell_x[b] + g_a[b]*ell_a[b]`` with respect to ``pred``.
 
     ``grad_ell_x``, ``grad_ell_a``, ``w_x``, ``w_a``: ``(B,)`` in the accumulation dtype.

@@ -13,7 +13,7 @@ if torch.version.cuda is None:
 import siss_fast as sf  # noqa: E402
 from siss_fast import backends  # noqa: E402
 
-CPU_BACKENDS = ("torch", "cpp", "triton")
+CPU_BACKENDS = backends.backend_names("cpu")  # every registered backend that can run on CPU tensors
 
 
 def pytest_configure(config):

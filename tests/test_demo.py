@@ -98,13 +98,13 @@ def test_pareto_plot_falls_back_to_pil(tmp_path, monkeypatch):
 def test_compare_mode_runs_every_method(tmp_path):
     """--compare, shortened: every SPEC §5 method through the engine with the same budget; table, plot, per-method
     engine runs; neggrad gets the c SISS's auto rule measured."""
-    from siss_fast.demo.run import COMPARE_METHODS, DemoConfig, run_compare
+    from siss_fast.demo.run import DemoConfig, compare_methods, run_compare
 
     cfg = DemoConfig(out=str(tmp_path / "cmp"), num_samples=40, sampler_steps=4, max_steps=2, batch_size=8,
                      val_every=1, val_samples=16, likelihood=False)
     report = run_compare(cfg)
     rows = report["compare"]
-    assert [r["name"] for r in rows] == [name for name, _ in COMPARE_METHODS]
+    assert [r["name"] for r in rows] == [name for name, _ in compare_methods()]
     assert all(r["steps"] >= 1 and "forget_rate" in r["after"] and "quality" in r["after"] for r in rows)
     siss_c = json.loads((tmp_path / "cmp" / "methods" / "siss_0.5" / "manifest.json").read_text())["scaling_norm"]
     neggrad = next(r for r in rows if r["method"] == "neggrad")
@@ -113,5 +113,5 @@ def test_compare_mode_runs_every_method(tmp_path):
     for name in ("report.md", "report.json", "compare.json", "pareto.png", "metrics.jsonl"):
         assert (run / name).is_file(), name
     methods_logged = {json.loads(x)["method"] for x in (run / "metrics.jsonl").read_text().splitlines()}
-    assert methods_logged == {name for name, _ in COMPARE_METHODS}
+    assert methods_logged == {name for name, _ in compare_methods()}
     assert "pareto.png" in (run / "report.md").read_text()

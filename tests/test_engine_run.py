@@ -13,8 +13,9 @@ from engine_helpers import DATA, base_config, tiny_model  # noqa: E402
 from siss_fast.engine import load_config  # noqa: E402
 from siss_fast.engine.checkpoint import CheckpointError, list_checkpoints, load_checkpoint  # noqa: E402
 from siss_fast.engine.loop import run  # noqa: E402
+from siss_fast.methods import get_method, method_names  # noqa: E402
 
-METHODS = ["siss", "siss_nois", "naive", "neggrad", "erasediff", "bernoulli"]
+METHODS = method_names()  # every built-in record of siss_fast.methods
 
 
 def _config(kind, out, **sections):
@@ -37,7 +38,7 @@ def _run_config(out):
 @pytest.mark.parametrize("kind", ["ddpm", "sd"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs(tmp_path, kind, method):
-    grad = {"scaling_norm": 1.0} if method == "neggrad" else {}
+    grad = {} if get_method(method).has_retain else {"scaling_norm": 1.0}  # neggrad: 'auto' needs a retain term
     cfg = load_config(_config(kind, tmp_path / "run", method={"name": method}, gradient=grad))
     result = run(cfg)
     assert result.stop_reason == "steps" and result.steps_done == 2
@@ -289,15 +290,15 @@ def test_relative_forget_target_by_default():
 
 def test_unlearn_step_is_the_loops_step(tmp_path):
     """The public UnlearnStep, driven by hand, takes exactly the steps run() takes (same weights, bit for bit)."""
-    from siss_fast.engine import setup as S
+    from siss_fast.engine import setup as run_setup
     from siss_fast.engine.step import UnlearnStep
 
     cfg = load_config(_config("ddpm", tmp_path / "loop", train={"steps": 3}))
     run(cfg)
     torch.manual_seed(cfg.train.seed)
-    dist = S.Dist()
-    model = S.prepare_model(cfg, dist, tmp_path / "by_hand")
-    step = UnlearnStep(cfg, model, S.prepare_data(cfg, model, torch.device("cpu")), torch.device("cpu"))
+    dist = run_setup.Dist()
+    model = run_setup.prepare_model(cfg, dist, tmp_path / "by_hand")
+    step = UnlearnStep(cfg, model, run_setup.prepare_data(cfg, model, torch.device("cpu")), torch.device("cpu"))
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.train.cpu_threads)  # the thread count run() used (CPU sums depend on it)
     try:
@@ -314,14 +315,14 @@ def test_unlearn_step_is_the_loops_step(tmp_path):
 def test_the_run_validates_and_keeps_the_weights_moving_average(tmp_path):
     """train.ema_decay d: after every step ema <- d ema + (1 - d) w, starting at the base model; the final model of a
     run ending on its budget is that average (recomputed here from the weights of each step); 0 keeps the raw weights."""
-    from siss_fast.engine import setup as S
+    from siss_fast.engine import setup as run_setup
     from siss_fast.engine.step import UnlearnStep
 
     cfg = load_config(_config("ddpm", tmp_path / "loop", train={"steps": 3, "ema_decay": 0.5}))
     run(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = S.prepare_model(cfg, S.Dist(), tmp_path / "by_hand")
-    step = UnlearnStep(cfg, model, S.prepare_data(cfg, model, torch.device("cpu")), torch.device("cpu"))
+    model = run_setup.prepare_model(cfg, run_setup.Dist(), tmp_path / "by_hand")
+    step = UnlearnStep(cfg, model, run_setup.prepare_data(cfg, model, torch.device("cpu")), torch.device("cpu"))
     average = {k: v.detach().clone().double() for k, v in step.unet.state_dict().items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.train.cpu_threads)
@@ -336,8 +337,8 @@ def test_the_run_validates_and_keeps_the_weights_moving_average(tmp_path):
     assert all(torch.allclose(final[k].double(), v, rtol=1e-6, atol=1e-7) for k, v in average.items())
     assert not all(torch.equal(final[k], v) for k, v in step.unet.state_dict().items())  # not the raw weights
     raw = load_config(_config("ddpm", tmp_path / "raw", train={"steps": 3, "ema_decay": 0}))
-    step_raw = UnlearnStep(raw, S.prepare_model(raw, S.Dist(), tmp_path / "raw"),
-                           S.prepare_data(raw, model, torch.device("cpu")), torch.device("cpu"))
+    step_raw = UnlearnStep(raw, run_setup.prepare_model(raw, run_setup.Dist(), tmp_path / "raw"),
+                           run_setup.prepare_data(raw, model, torch.device("cpu")), torch.device("cpu"))
     assert step_raw.ema is None and step_raw.eval_unet is step_raw.unet
     with pytest.raises(Exception, match="train.ema_decay"):
         load_config(_config("ddpm", tmp_path / "bad", train={"ema_decay": 1.0}))

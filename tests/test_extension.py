@@ -116,7 +116,7 @@ def test_build_info_and_failure_reason():
 def test_fp64_matches_reference(shape, lambd, weight_clip, capability):
     c = _case(shape)
     args = _loss_args(c)
-    got = ext.siss_loss_forward(*args, lambd, weight_clip)
+    got = ext.ops().siss_loss_forward(*args, lambd, weight_clip)
     want = ref.siss_loss_forward(*args, lambd, weight_clip)
     for name, g, w in zip(("ell_x", "ell_a", "w_x", "w_a"), got, want):
         assert g.dtype == torch.float64 and g.shape == (shape[0],)
@@ -129,13 +129,13 @@ def test_fp64_matches_reference(shape, lambd, weight_clip, capability):
         assert torch.equal(got[3], torch.ones_like(got[3]))
 
     g_x, g_a = _upstream(shape[0], lambd, weight_clip, torch.float64)
-    dpred = ext.siss_loss_backward(g_x, g_a, got[2], got[3], *args)
+    dpred = ext.ops().siss_loss_backward(g_x, g_a, got[2], got[3], *args)
     dpred_ref = ref.siss_loss_backward(g_x, g_a, want[2], want[3], *args)
     assert dpred.dtype == torch.float64 and dpred.shape == shape and not dpred.isnan().any()
     scale = dpred_ref.abs().max().item()
     assert (dpred - dpred_ref).abs().max().item() <= 1e-12 * scale
 
-    mixed = ext.mixture_noise(c["x0"], c["a0"], c["noise"], c["gamma"], c["sigma"], c["mask"])
+    mixed = ext.ops().mixture_noise(c["x0"], c["a0"], c["noise"], c["gamma"], c["sigma"], c["mask"])
     torch.testing.assert_close(mixed, c["m"], rtol=1e-14, atol=1e-14)
 
 
@@ -148,14 +148,14 @@ def test_mixed_dtypes_meet_the_bar(pred_dtype, latent_dtype, capability):
     args = _loss_args(c, pred_dtype, latent_dtype)
     oracle_args = [a.double() for a in args]
     for lambd, weight_clip in ((0.5, None), (0.2, 20.0)):
-        got = ext.siss_loss_forward(*args, lambd, weight_clip)
+        got = ext.ops().siss_loss_forward(*args, lambd, weight_clip)
         plain = ref.siss_loss_forward(*args, lambd, weight_clip)
         oracle = ref.siss_loss_forward(*oracle_args, lambd, weight_clip)
         for g, p, o in zip(got, plain, oracle):
             assert g.dtype == torch.float32
             assert _max_rel(g, o) <= max(1e-5, 2 * _max_rel(p, o))
         g_x, g_a = _upstream(shape[0], lambd, weight_clip, torch.float32)
-        dpred = ext.siss_loss_backward(g_x, g_a, got[2], got[3], *args)
+        dpred = ext.ops().siss_loss_backward(g_x, g_a, got[2], got[3], *args)
         dpred_plain = ref.siss_loss_backward(g_x, g_a, plain[2], plain[3], *args)
         dpred_oracle = ref.siss_loss_backward(g_x.double(), g_a.double(), oracle[2], oracle[3], *oracle_args)
         assert dpred.dtype == pred_dtype and dpred.shape == shape
@@ -172,7 +172,7 @@ def test_mixture_noise_matches_oracle(latent_dtype, capability):
     acc = torch.float64 if latent_dtype == torch.float64 else torch.float32
     args = (c["x0"].to(latent_dtype), c["a0"].to(latent_dtype), c["noise"].to(latent_dtype), c["gamma"].to(acc),
             c["sigma"].to(acc), c["mask"])
-    got = ext.mixture_noise(*args)
+    got = ext.ops().mixture_noise(*args)
     oracle = ref.mixture_noise(*[a.double() if a.is_floating_point() else a for a in args])
     assert got.dtype == latent_dtype and got.is_contiguous()
     # One rounding to the output dtype, plus the accumulation's own rounding of the two products.
@@ -192,9 +192,9 @@ def test_cpu_results_independent_of_thread_count(capability):
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            fwd = ext.siss_loss_forward(*args, 0.5, None)
-            bwd = ext.siss_loss_backward(g_x, g_a, fwd[2], fwd[3], *args)
-            mix = ext.mixture_noise(args[2], args[3], c["noise"].float(), args[4], args[5], c["mask"])
+            fwd = ext.ops().siss_loss_forward(*args, 0.5, None)
+            bwd = ext.ops().siss_loss_backward(g_x, g_a, fwd[2], fwd[3], *args)
+            mix = ext.ops().mixture_noise(args[2], args[3], c["noise"].float(), args[4], args[5], c["mask"])
             results.append((*fwd, bwd, mix))
     finally:
         torch.set_num_threads(before)
@@ -209,13 +209,13 @@ def test_non_contiguous_inputs(capability):
     strided = [a.transpose(-1, -2) for a in args[:4]]  # same values, non-contiguous layout
     contiguous = [s.contiguous() for s in strided]
     assert not strided[0].is_contiguous()
-    got = ext.siss_loss_forward(*strided, *args[4:], 0.5, None)
-    want = ext.siss_loss_forward(*contiguous, *args[4:], 0.5, None)
+    got = ext.ops().siss_loss_forward(*strided, *args[4:], 0.5, None)
+    want = ext.ops().siss_loss_forward(*contiguous, *args[4:], 0.5, None)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     g_x, g_a = _upstream(4, 0.5, None, torch.float32)
-    dg = ext.siss_loss_backward(g_x, g_a, got[2], got[3], *strided, *args[4:])
-    dw = ext.siss_loss_backward(g_x, g_a, want[2], want[3], *contiguous, *args[4:])
+    dg = ext.ops().siss_loss_backward(g_x, g_a, got[2], got[3], *strided, *args[4:])
+    dw = ext.ops().siss_loss_backward(g_x, g_a, want[2], want[3], *contiguous, *args[4:])
     assert dg.is_contiguous() and torch.equal(dg, dw)
 
 
@@ -223,10 +223,10 @@ def test_expanded_upstream_gradient():
     """Upstream gradients may be expanded scalars (stride 0), as autograd produces for a sum."""
     c = _case((3, 5, 9))
     args = _loss_args(c, torch.float32, torch.float32)
-    fwd = ext.siss_loss_forward(*args, 0.5, None)
+    fwd = ext.ops().siss_loss_forward(*args, 0.5, None)
     g = torch.tensor(0.25).expand(3)
-    got = ext.siss_loss_backward(g, g, fwd[2], fwd[3], *args)
-    want = ext.siss_loss_backward(g.contiguous(), g.contiguous(), fwd[2], fwd[3], *args)
+    got = ext.ops().siss_loss_backward(g, g, fwd[2], fwd[3], *args)
+    want = ext.ops().siss_loss_backward(g.contiguous(), g.contiguous(), fwd[2], fwd[3], *args)
     assert torch.equal(got, want)
 
 
@@ -235,18 +235,18 @@ def test_extreme_lambda_gives_no_nan(capability):
     c = _case((2, 4, 32, 32))
     args = _loss_args(c, torch.float32, torch.float32)
     for lambd in (0.0, 1.0):
-        fwd = ext.siss_loss_forward(*args, lambd, None)
+        fwd = ext.ops().siss_loss_forward(*args, lambd, None)
         assert not any(t.isnan().any() for t in fwd)
         g_x, g_a = _upstream(2, lambd, None, torch.float32)
-        assert not ext.siss_loss_backward(g_x, g_a, fwd[2], fwd[3], *args).isnan().any()
+        assert not ext.ops().siss_loss_backward(g_x, g_a, fwd[2], fwd[3], *args).isnan().any()
 
 
 def test_weight_clip_bounds_weights(capability):
     c = _case((4, 3, 8, 8))
     args = _loss_args(c, torch.float32, torch.float32)
-    _, _, w_x, w_a = ext.siss_loss_forward(*args, 0.0, 3.0)
+    _, _, w_x, w_a = ext.ops().siss_loss_forward(*args, 0.0, 3.0)
     assert (w_x <= 3.0).all() and (w_a <= 3.0).all()
-    _, _, w_x, w_a = ext.siss_loss_forward(*args, 0.25, None)  # 0 < lambda < 1: w_x <= 1/(1-lambda), w_a <= 1/lambda
+    _, _, w_x, w_a = ext.ops().siss_loss_forward(*args, 0.25, None)  # w_x <= 1/(1-lambda), w_a <= 1/lambda
     assert (w_x <= 1 / 0.75 * (1 + 1e-6)).all() and (w_a <= 4.0 * (1 + 1e-6)).all()
 
 
@@ -310,10 +310,10 @@ def test_cpu_capabilities_agree_to_rounding():
     try:
         for name in CAPABILITIES:
             ext.set_cpu_capability(name)
-            got = ext.siss_loss_forward(*args, 0.5, None)
+            got = ext.ops().siss_loss_forward(*args, 0.5, None)
             for g, o in zip(got, oracle):
                 assert _max_rel(g, o) <= 1e-5, name
-            dpred = ext.siss_loss_backward(g_x, g_a, got[2], got[3], *args)
+            dpred = ext.ops().siss_loss_backward(g_x, g_a, got[2], got[3], *args)
             err = (dpred.double() - dpred_oracle).abs().max().item() / dpred_oracle.abs().max().item()
             assert err <= 1e-5, name  # SPEC §9 fp32 bar
     finally:
@@ -335,9 +335,9 @@ def test_weight_clip_applies_after_exponentiation(dtype, capability):
     pred = noise + 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
     acc = dtype
     args = (pred.to(dtype), m.to(dtype), x0.to(dtype), a0.to(dtype), gamma.to(acc), sigma.to(acc))
-    _, _, _, w_a_free = ext.siss_loss_forward(*args, 0.1, None)
+    _, _, _, w_a_free = ext.ops().siss_loss_forward(*args, 0.1, None)
     assert (w_a_free > 1.05).all(), "precondition: every unclipped w_a exceeds the clip"
-    ell_x, ell_a, w_x, w_a = ext.siss_loss_forward(*args, 0.1, 1.05)
+    ell_x, ell_a, w_x, w_a = ext.ops().siss_loss_forward(*args, 0.1, 1.05)
     assert w_x.dtype == dtype
     assert (w_x <= 1.05).all() and (w_a <= 1.05).all()
     assert torch.equal(w_a, torch.full_like(w_a, 1.05))  # clipped to the clip rounded to the dtype, exactly
@@ -345,9 +345,9 @@ def test_weight_clip_applies_after_exponentiation(dtype, capability):
     assert torch.equal(w_a, want[3]) and _max_rel(w_x, want[2]) <= 1e-5
     # lambda = 0 without a bound on w_a = e^delta: a delta this large overflows exp even in fp64; the clip holds.
     far = (pred.to(dtype), m.to(dtype), (x0 + 1e3).to(dtype), a0.to(dtype), gamma.to(acc), sigma.to(acc))
-    _, _, _, w_a_inf = ext.siss_loss_forward(*far, 0.0, None)
+    _, _, _, w_a_inf = ext.ops().siss_loss_forward(*far, 0.0, None)
     assert torch.isinf(w_a_inf).all()
-    _, ell_a, _, w_a = ext.siss_loss_forward(*far, 0.0, 5.0)
+    _, ell_a, _, w_a = ext.ops().siss_loss_forward(*far, 0.0, 5.0)
     assert torch.equal(w_a, torch.full_like(w_a, 5.0)) and torch.isfinite(ell_a).all()
 
 
@@ -381,17 +381,17 @@ def test_cuda_fp64_matches_reference(shape, lambd, weight_clip):
     _needs_cuda()
     c = _case(shape, device="cuda")
     args = _loss_args(c)
-    got = ext.siss_loss_forward(*args, lambd, weight_clip)
+    got = ext.ops().siss_loss_forward(*args, lambd, weight_clip)
     want = ref.siss_loss_forward(*args, lambd, weight_clip)
     for g, w in zip(got, want):
         assert g.is_cuda and g.dtype == torch.float64
         finite = torch.isfinite(w)
         assert _max_rel(g[finite], w[finite]) < 1e-12
     g_x, g_a = _upstream(shape[0], lambd, weight_clip, torch.float64, "cuda")
-    dpred = ext.siss_loss_backward(g_x, g_a, got[2], got[3], *args)
+    dpred = ext.ops().siss_loss_backward(g_x, g_a, got[2], got[3], *args)
     dpred_ref = ref.siss_loss_backward(g_x, g_a, want[2], want[3], *args)
     assert (dpred - dpred_ref).abs().max().item() <= 1e-12 * dpred_ref.abs().max().item()
-    mixed = ext.mixture_noise(c["x0"], c["a0"], c["noise"], c["gamma"], c["sigma"], c["mask"])
+    mixed = ext.ops().mixture_noise(c["x0"], c["a0"], c["noise"], c["gamma"], c["sigma"], c["mask"])
     torch.testing.assert_close(mixed, c["m"], rtol=1e-14, atol=1e-14)
 
 
@@ -405,15 +405,15 @@ def test_cuda_matches_cpu_kernels(pred_dtype, latent_dtype, shape):
     args = _loss_args(c, pred_dtype, latent_dtype)
     oracle_args = [a.double() for a in args]
     cuda_args = [a.cuda() for a in args]
-    got = ext.siss_loss_forward(*cuda_args, 0.5, 30.0)
-    cpu = ext.siss_loss_forward(*args, 0.5, 30.0)
+    got = ext.ops().siss_loss_forward(*cuda_args, 0.5, 30.0)
+    cpu = ext.ops().siss_loss_forward(*args, 0.5, 30.0)
     oracle = ref.siss_loss_forward(*oracle_args, 0.5, 30.0)
     for g, p, o in zip(got, cpu, oracle):
         assert g.is_cuda and g.dtype == torch.float32
         assert _max_rel(g, o) <= max(1e-5, 2 * _max_rel(p, o))
     g_x, g_a = _upstream(shape[0], 0.5, 30.0, torch.float32)
-    dpred = ext.siss_loss_backward(g_x.cuda(), g_a.cuda(), got[2], got[3], *cuda_args)
-    dpred_cpu = ext.siss_loss_backward(g_x, g_a, cpu[2], cpu[3], *args)
+    dpred = ext.ops().siss_loss_backward(g_x.cuda(), g_a.cuda(), got[2], got[3], *cuda_args)
+    dpred_cpu = ext.ops().siss_loss_backward(g_x, g_a, cpu[2], cpu[3], *args)
     assert dpred.dtype == pred_dtype
     scale = dpred_cpu.double().abs().max().item()
     tol = 1e-5 if pred_dtype == torch.float32 else 2 * torch.finfo(pred_dtype).eps
@@ -425,12 +425,12 @@ def test_cuda_deterministic_and_unaligned():
     _needs_cuda()
     c = _case((5, 4, 64, 64), device="cuda")
     args = _loss_args(c, torch.float32, torch.float32)
-    first = ext.siss_loss_forward(*args, 0.5, None)
-    second = ext.siss_loss_forward(*args, 0.5, None)
+    first = ext.ops().siss_loss_forward(*args, 0.5, None)
+    second = ext.ops().siss_loss_forward(*args, 0.5, None)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     # Storage offset of one element: misaligned for 128-bit packs, so the element-wise kernels run.
     flat = [torch.cat([a.new_zeros(1), a.flatten()])[1:].view_as(a) for a in args[:4]]
-    unaligned = ext.siss_loss_forward(*flat, *args[4:], 0.5, None)
+    unaligned = ext.ops().siss_loss_forward(*flat, *args[4:], 0.5, None)
     for a, b in zip(first, unaligned):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import siss_fast as sf
-from siss_fast.objectives import METHODS, RULE_HINTS, Objective, ObjectiveTerms, make_objective
+from siss_fast.methods import get_method, method_names
+from siss_fast.objectives import Objective, ObjectiveTerms, make_objective
+
+METHODS = method_names()  # the built-in records
 
 T = 1000
 SHAPE = (2, 6, 5)
@@ -261,10 +264,11 @@ def test_siss_without_generator_uses_default_rng():
 
 
 def test_rule_hints():
-    assert set(RULE_HINTS) == set(METHODS)
+    assert set(METHODS) == set(EXPECTED_TERMS)
     for method in METHODS:
-        assert Objective(method, alphas_cumprod()).rule_hint == RULE_HINTS[method]
-    assert RULE_HINTS["erasediff"] == "erasediff" and RULE_HINTS["siss"] == "rescale" and RULE_HINTS["naive"] is None
+        assert Objective(method, alphas_cumprod()).rule_hint == get_method(method).rule
+    rules = {m: get_method(m).rule for m in METHODS}
+    assert rules["erasediff"] == "erasediff" and rules["siss"] == "rescale" and rules["naive"] is None
 
 
 @pytest.mark.parametrize(

@@ -365,16 +365,16 @@ def test_manifest_records_content_hashes(tmp_path):
 
 
 def test_deterministic_runs_are_bit_identical_on_cpu(tmp_path, monkeypatch):
-    from siss_fast.engine import setup as S
+    from siss_fast.engine import setup as run_setup
 
     seen = []
-    make_optimizer = S.make_optimizer
+    make_optimizer = run_setup.make_optimizer
 
     def spy(*args, **kwargs):
         seen.append(torch.are_deterministic_algorithms_enabled())
         return make_optimizer(*args, **kwargs)
 
-    monkeypatch.setattr(S, "make_optimizer", spy)
+    monkeypatch.setattr(run_setup, "make_optimizer", spy)
     assert not torch.are_deterministic_algorithms_enabled()
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:

@@ -1,5 +1,5 @@
 """Compiled Triton kernels on a CUDA GPU: against the float64 reference, run-to-run determinism, int64 offsets,
-and the ``triton_op`` registration under ``torch.compile``. Skipped without CUDA (and under TRITON_INTERPRET=1,
+and the public ops on the triton backend under ``torch.compile``. Skipped without CUDA (and under TRITON_INTERPRET=1,
 where nothing is compiled)."""
 
 from __future__ import annotations
@@ -187,28 +187,36 @@ def test_int64_offsets():
     assert torch.equal(grad[last], grad_last)
 
 
-def test_triton_ops_registered_and_compile():
-    """The ``siss_fast::triton_*`` ops (torch.library.triton_op) match the plain launchers, eager and under
+def test_public_ops_on_triton_under_compile():
+    """The one public op per operation (``siss_fast::mixture_noise``, ``siss_fast::siss_loss`` and its backward)
+    with the ``triton`` backend beneath it matches the plain launchers, eager and under
     ``torch.compile(fullgraph=True)``."""
+    import siss_fast as sf
+
     K = _kernels()
-    assert K.TRITON_OP_ERROR is None, K.TRITON_OP_ERROR
-    assert set(K.TRITON_OPS) == {"mixture_noise", "siss_loss_forward", "siss_loss_backward"}
     inp = _inputs((4, 4, 32, 32), torch.float32, torch.float32, seed=4)
-    ops = K.TRITON_OPS
 
     def step(pred, x0, a0, noise, gamma, sigma, mask):
-        m = ops["mixture_noise"](x0, a0, noise, gamma, sigma, mask)
-        ell_x, ell_a, w_x, w_a = ops["siss_loss_forward"](pred, m, x0, a0, gamma, sigma, 0.5, 2.0)
-        g = torch.ones_like(w_x)
-        grad = ops["siss_loss_backward"](g, -g, w_x, w_a, pred, m, x0, a0, gamma, sigma)
-        return m, ell_x, ell_a, w_x, w_a, grad
+        m = sf.mixture_noise(x0, a0, noise, gamma, sigma, mask)
+        terms = sf.siss_loss(pred, m, x0, a0, gamma, sigma, 0.5, weight_clip=2.0, reduction="none")
+        (grad,) = torch.autograd.grad((terms.loss_x - terms.loss_a).sum(), pred)
+        return m, terms.loss_x, terms.loss_a, terms.weight_x, terms.weight_a, grad
 
-    args = (inp["pred"], inp["x0"], inp["a0"], inp["noise"], inp["gamma"], inp["sigma"], inp["mask"])
-    eager = step(*args)
-    m = K.mixture_noise(*args[1:])
-    plain = (m, *K.siss_loss_forward(inp["pred"], m, inp["x0"], inp["a0"], inp["gamma"], inp["sigma"], 0.5, 2.0))
-    for a, b in zip(eager, plain):
-        assert torch.equal(a, b)
-    compiled = torch.compile(step, fullgraph=True)(*args)
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    args = (inp["pred"].clone().requires_grad_(True), inp["x0"], inp["a0"], inp["noise"], inp["gamma"],
+            inp["sigma"], inp["mask"])
+    previous = sf.get_backend()
+    sf.set_backend("triton")
+    try:
+        eager = step(*args)
+        m = K.mixture_noise(*args[1:])
+        plain = K.siss_loss_forward(inp["pred"], m, inp["x0"], inp["a0"], inp["gamma"], inp["sigma"], 0.5, 2.0)
+        g = torch.ones_like(plain[2])
+        plain = (m, *plain, K.siss_loss_backward(g, -g, plain[2], plain[3], inp["pred"], m, inp["x0"], inp["a0"],
+                                                  inp["gamma"], inp["sigma"]))
+        for a, b in zip(eager, plain):
+            assert torch.equal(a, b)
+        compiled = torch.compile(step, fullgraph=True)(*args)
+        for a, b in zip(compiled, eager):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    finally:
+        sf.set_backend(previous)

@@ -48,8 +48,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         f"{t.num_samples}, of the memorized prompt)")
     parser.add_argument("--sampler-steps", type=int, default=None,
                         help=f"DDIM steps (default {d.sampler_steps}; text-to-image {t.sampler_steps})")
-    parser.add_argument("--backend", choices=("auto", "engine", "direct"), default=d.backend,
-                        help="unlearning loop: the engine (auto, if present) or the direct objectives+combiner loop")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-likelihood", action="store_true", help="skip the bits/dim bound")
     return parser
@@ -96,7 +94,7 @@ def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int
 
     cfg = DemoConfig(out=args.out or ("runs/demo-compare" if args.compare else "runs/demo"), model=args.model,
                      seed=args.seed, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     num_samples=args.num_samples, sampler_steps=args.sampler_steps, backend=args.backend, threads=args.threads,
+                     num_samples=args.num_samples, sampler_steps=args.sampler_steps, threads=args.threads,
                      likelihood=not args.no_likelihood)
     # the command owns its process: denormals off for speed (a library call never changes global FP state)
     torch.set_flush_denormal(True)
@@ -113,9 +111,6 @@ def _text_to_image_main(args: argparse.Namespace, argv: List[str]) -> int:
 
     from .text_to_image import T2IConfig, run_text_to_image
 
-    if args.backend == "direct":
-        raise SystemExit("siss-fast demo --text-to-image: it unlearns through the engine; --backend direct is for the "
-                         "pixel demo")
     if args.no_likelihood:
         raise SystemExit("siss-fast demo --text-to-image: --no-likelihood is for the pixel demo (no bits/dim here)")
     cfg = T2IConfig(out=args.out or "runs/demo-t2i", model=args.model, seed=args.seed, threads=args.threads,

@@ -12,11 +12,12 @@ target, else the end state) for the after-measurement.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import torch
 
 from .data import DemoData, to_unit
+from .record import method_lambd
 
 __all__ = ["write_image_folders", "given", "engine_config", "unlearn_engine"]
 
@@ -55,8 +56,7 @@ def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path])
     return {
         "model": {"path": str(model_dir)},
         "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},
-        "method": given(name=cfg.method, lambd=cfg.lambd if cfg.method in ("siss", "bernoulli") else None,
-                        weight_clip=cfg.weight_clip),
+        "method": given(name=cfg.method, lambd=method_lambd(cfg.method, cfg.lambd), weight_clip=cfg.weight_clip),
         "gradient": given(scaling_norm=cfg.scaling_norm, max_grad_norm=cfg.max_grad_norm),
         "train": given(steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device="cpu"),
         "checkpoint": {"every": 0},
@@ -74,10 +74,9 @@ def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path])
     }
 
 
-def unlearn_engine(unet, model_dir: Path, classifier, data: DemoData, cfg, *, run_dir: Path,
-                   log: Callable[[Dict], None], start: float) -> Dict[str, Any]:
-    """Run the engine on the demo's data; load its final model into ``unet`` (in place). ``log`` is unused: the
-    engine writes ``metrics.jsonl`` itself."""
+def unlearn_engine(unet, model_dir: Path, data: DemoData, cfg, *, run_dir: Path) -> Dict[str, Any]:
+    """Run the engine on the demo's data (it writes ``metrics.jsonl`` and ``manifest.json`` into ``run_dir``); load
+    its final model into ``unet`` (in place). Returns ``{"steps", "final_step", "stop_reason", "final_dir"}``."""
     from diffusers import UNet2DModel
 
     import siss_fast.metrics  # noqa: F401  (registers the package's metrics with the engine)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from siss_fast.engine.models import offline
 
 __all__ = ["SHIPPED_MODEL", "load_base_model", "model_hash"]
 
@@ -28,8 +28,9 @@ def load_base_model(folder: Optional[os.PathLike] = None) -> Tuple[object, objec
         raise FileNotFoundError(f"model: expected a DDPM pipeline folder with unet/ and scheduler/, got {folder}"
                                 + ("" if folder != SHIPPED_MODEL else
                                    " (the shipped weights are missing: run `siss-fast demo --pretrain`)"))
-    unet = UNet2DModel.from_pretrained(str(folder / "unet"), use_safetensors=True, local_files_only=True)
-    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
+    with offline():
+        unet = UNet2DModel.from_pretrained(str(folder / "unet"), use_safetensors=True, local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
     classifier = load_classifier(folder / "classifier.safetensors")
     return unet.eval(), scheduler, classifier
 

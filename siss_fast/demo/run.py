@@ -16,29 +16,28 @@ the T-shirt in a few % of its samples. The demo
 
 ``--compare`` runs every method of SPEC §5 with the same budget and seed and adds a table and ``pareto.png``.
 
-Unlearning backend: the engine (``siss_fast.engine``) when its training loop is importable, else the same
-algorithm written directly on :mod:`siss_fast.objectives` + :mod:`siss_fast.gradients` (``backend="direct"``).
+Unlearning always goes through the engine (``siss_fast.engine``, :mod:`siss_fast.demo.engine_backend`); the run
+record is written by :mod:`siss_fast.demo.record`, shared with the text-to-image demo.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from siss_fast.methods import get_method, method_names
 
-from .data import DemoData, demo_data, to_unit  # noqa: E402
+from .data import DemoData, demo_data, to_unit
+from .record import (forget_items, method_lambd, method_record, read_engine_manifest, say, software_versions,
+                     write_run_record)
 
-__all__ = ["DemoConfig", "COMPARE_METHODS", "measure", "unlearn_direct", "run_demo", "run_compare"]
+__all__ = ["DemoConfig", "compare_methods", "measure", "run_demo", "run_compare"]
 
 
 @dataclass
@@ -66,7 +65,6 @@ class DemoConfig:
     target_patience: Optional[int] = None       # checks in a row that must meet the target
     quality_tolerance: Optional[float] = None   # guard: stop when quality < (1 - tol) * quality at step 0
     min_steps: Optional[int] = None
-    backend: str = "auto"                # auto | engine | direct
     likelihood: bool = True              # bits/dim of the forget image and of 4 digits (4 x T forward passes)
     threads: Optional[int] = None
 
@@ -93,20 +91,15 @@ def resolved(cfg: "DemoConfig") -> "DemoConfig":
 
 BPD_T_STRIDE = 4  # the bound's sum over t estimated on every 4th t (see bits_per_dim_vlb)
 
-# SPEC §5, every method, as (name, objective kwargs)
-COMPARE_METHODS = [
-    ("siss(0.5)", dict(method="siss", lambd=0.5)),
-    ("siss(0)+clip", dict(method="siss", lambd=0.0, weight_clip=10.0)),
-    ("siss_nois", dict(method="siss_nois", lambd=None)),
-    ("naive", dict(method="naive", lambd=None)),
-    ("neggrad", dict(method="neggrad", lambd=None)),
-    ("erasediff", dict(method="erasediff", lambd=None)),
-    ("bernoulli", dict(method="bernoulli", lambd=0.5)),
-]
 
 
-def _log(msg: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
+def compare_methods() -> List[Tuple[str, Dict[str, Any]]]:
+    """What ``--compare`` runs, as ``(name, DemoConfig overrides)``: SISS at lambda 0.5 and at lambda 0 with weights
+    clipped at 10, then every other registered method of :mod:`siss_fast.methods` (lambda 0.5 where it takes one)."""
+    rows: List[Tuple[str, Dict[str, Any]]] = [("siss(0.5)", dict(method="siss", lambd=0.5)),
+                                              ("siss(0)+clip", dict(method="siss", lambd=0.0, weight_clip=10.0))]
+    rows += [(name, dict(method=name, lambd=method_lambd(name, 0.5))) for name in method_names() if name != "siss"]
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -132,120 +125,6 @@ def measure(unet, alphas_cumprod, classifier, data: DemoData, *, num_samples: in
     return out, samples, forget_mask(samples, forget01)
 
 
-def _cheap_check(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoConfig) -> Dict[str, float]:
-    from siss_fast.metrics import ddim_sample, evaluate_samples
-
-    samples = to_unit(ddim_sample(unet, alphas_cumprod, cfg.val_samples, (1, 16, 16), steps=cfg.sampler_steps,
-                                  seed=cfg.seed + 1))
-    res = evaluate_samples(samples, to_unit(data.forget_image), classifier)
-    return {"forget_rate": res["forget_rate"], "quality": res["quality"]}
-
-
-# ------------------------------------------------------------------------------------------------- unlearning
-
-
-def unlearn_direct(unet, alphas_cumprod, classifier, data: DemoData, cfg: DemoConfig, *,
-                   log: Callable[[Dict], None], start: float) -> Dict[str, Any]:
-    """SISS (or any SPEC §5 method) on :class:`Objective` + :class:`GradientCombiner`, with the demo's stop rules.
-
-    Per step: ``batch_size`` retain digits and as many forget images (sampled with replacement), one objective
-    call, the SPEC §6 rule (the method's own: rescale / erasediff; ``scaling_norm`` auto = 0.1 |G_x| of step 1),
-    the total clipped to ``max_grad_norm``, AdamW. Every ``val_every`` steps: the cheap check; the run stops when
-    its forget rate <= the target (``forget_target``, else ``forget_target_ratio`` x its value at step 0) or its
-    quality < (1 - tol) * its value at step 0 (guard); the returned model is the best checked state that met the
-    target (highest quality), else (guard tripped) the last checked state within the guard, else the last state.
-    """
-    from siss_fast.gradients import GradientCombiner
-    from siss_fast.objectives import Objective
-
-    cfg = resolved(cfg)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    kwargs = {}
-    if cfg.method in ("siss", "bernoulli"):
-        kwargs["lambd"] = cfg.lambd
-    if cfg.weight_clip is not None:
-        kwargs["weight_clip"] = cfg.weight_clip
-    objective = Objective(cfg.method, alphas_cumprod, **kwargs)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)  # the engine's optimizer defaults
-    combiner = GradientCombiner(params, rule=objective.rule_hint or "rescale", scaling_norm=cfg.scaling_norm,
-                                max_grad_norm=cfg.max_grad_norm)
-    best_state, best_quality, best_step = None, None, None
-    last_good, last_good_step = copy.deepcopy(unet.state_dict()), 0  # step 0 is within the guard by definition
-    streak = 0
-    stop_reason, step = "budget", 0
-    check0 = _cheap_check(unet, alphas_cumprod, classifier, data, cfg)  # the guard's baseline: same samples
-    baseline_quality = check0["quality"]
-    target = cfg.forget_target if cfg.forget_target is not None else cfg.forget_target_ratio * check0["forget_rate"]
-    log({"step": 0, **{"val_" + k: v for k, v in check0.items()}})
-    _log(f"step 0: check forget_rate {check0['forget_rate']:.4f} quality {check0['quality']:.3f}", start)
-    unet.train()
-    for step in range(1, cfg.max_steps + 1):
-        x0 = data.retain[torch.randint(0, data.retain.shape[0], (cfg.batch_size,), generator=gen)]
-        a0 = data.forget[torch.randint(0, data.forget.shape[0], (cfg.batch_size,), generator=gen)]
-        terms = objective(unet, x0, a0, generator=gen)
-        combiner.backward(terms.retain, terms.forget)
-        info = combiner.finish_step()
-        if not info.skipped:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        row = {"step": step, "time_s": round(time.perf_counter() - start, 2)}
-        row.update({k: v for k, v in terms.float_stats().items()})
-        if terms.retain is not None:
-            row["loss_retain"] = terms.retain.item()
-        if terms.forget is not None:
-            row["loss_forget"] = terms.forget.item()
-        row.update({k: v for k, v in info.as_dict().items() if k in
-                    ("norm_x", "norm_a", "forget_coef", "scaling_norm", "total_norm", "skipped")})
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
-            check = _cheap_check(unet, alphas_cumprod, classifier, data, cfg)
-            unet.train()
-            met = check["forget_rate"] <= target
-            tripped = check["quality"] < (1 - cfg.quality_tolerance) * baseline_quality
-            row.update({"val_" + k: v for k, v in check.items()}, target_met=met, guard_tripped=tripped)
-            _log(f"step {step}: check forget_rate {check['forget_rate']:.4f} quality {check['quality']:.3f}"
-                 f"{' (target met)' if met else ''}{' (guard tripped)' if tripped else ''}", start)
-            streak = streak + 1 if (met and not tripped) else 0
-            confirmed = streak >= cfg.target_patience  # the engine's rule: met at that many checks in a row
-            if confirmed and (best_quality is None or check["quality"] > best_quality):
-                best_state = copy.deepcopy(unet.state_dict())
-                best_quality, best_step = check["quality"], step
-            elif best_state is None and not tripped:  # the engine's rule: the last state within the guard
-                last_good, last_good_step = copy.deepcopy(unet.state_dict()), step
-            if step >= cfg.min_steps:
-                if tripped:
-                    stop_reason = "quality_guard"
-                elif confirmed:
-                    stop_reason = "forget_target"
-            log(row)
-            if stop_reason != "budget":
-                break
-        else:
-            log(row)
-    if best_state is not None:
-        unet.load_state_dict(best_state)
-        final_step = best_step
-    elif stop_reason == "quality_guard" and last_good is not None:
-        unet.load_state_dict(last_good)
-        final_step = last_good_step
-    else:
-        final_step = step
-    unet.eval()
-    return {"steps": step, "final_step": final_step, "stop_reason": stop_reason,
-            "scaling_norm": combiner.scaling_norm, "skipped_steps": combiner.skipped_steps}
-
-
-def _engine_available() -> bool:
-    try:
-        import importlib
-
-        importlib.import_module("siss_fast.engine.loop")
-        return True
-    except ImportError:
-        return False
-
-
 # ----------------------------------------------------------------------------------------------------- the run
 
 
@@ -259,42 +138,11 @@ def _pass_criteria(before: Dict, after: Dict) -> Dict[str, bool]:
     }
 
 
-def _versions() -> Dict[str, str]:
-    import siss_fast
-
-    out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "siss_fast": siss_fast.__version__, "backend": siss_fast.get_backend()}
-    for mod in ("diffusers", "safetensors", "sklearn", "numpy"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover - optional
-            pass
-    return out
-
-
-def _forget_items(data: DemoData, run_dir: Path) -> List[Dict[str, Any]]:
-    """The distinct forget item(s) as PNG in ``run_dir/data/forget`` (the engine's input folder) and their content
-    hashes: of the PNG file and of the raw 8-bit pixels, with the number of copies in the training set."""
-    from PIL import Image
-
-    items = []
-    folder = run_dir / "data" / "forget"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(data.forget_image):
-        arr = (to_unit(img)[0] * 255).round().to(torch.uint8).numpy()
-        path = folder / f"forget_{i:03d}.png"
-        if not path.exists():
-            Image.fromarray(arr, mode="L").save(path)
-        items.append({"file": str(path.relative_to(run_dir)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                      "sha256_pixels_uint8": hashlib.sha256(arr.tobytes()).hexdigest(),
-                      "copies_in_training_set": int(data.forget.shape[0]), "shape": list(arr.shape)})
-    return items
-
-
-def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Run the demo end to end and write the run directory ``cfg.out``. Returns the report dict."""
-    from .models import SHIPPED_MODEL, load_base_model, model_hash
-    from .report import rebuild_report, save_grid
+def _open_run(cfg: DemoConfig) -> tuple:
+    """What both demo modes start from: ``(start time, run folder (created), base model folder, unet,
+    alphas_cumprod (T,) fp64, classifier, demo data)``; ``cfg.threads`` applied. A pretrain output folder holding
+    ``digits_ddpm/`` stands for that subfolder."""
+    from .models import SHIPPED_MODEL, load_base_model
 
     start = time.perf_counter()
     if cfg.threads:
@@ -305,62 +153,49 @@ def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any
     if cfg.model and (model_dir / "digits_ddpm").is_dir():
         model_dir = model_dir / "digits_ddpm"
     unet, scheduler, classifier = load_base_model(model_dir)
-    abar = scheduler.alphas_cumprod.to(torch.float64)
-    data = demo_data()
+    return start, run_dir, model_dir, unet, scheduler.alphas_cumprod.to(torch.float64), classifier, demo_data()
+
+
+def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the demo end to end and write the run directory ``cfg.out``. Returns the report dict."""
+    from .engine_backend import unlearn_engine
+    from .models import model_hash
+    from .report import save_grid
+
+    start, run_dir, model_dir, unet, abar, classifier, data = _open_run(cfg)
     base_hash = model_hash(model_dir)
-    _log(f"base model {model_dir} (sha256 {base_hash[:12]}), {data.retain.shape[0]} digits, forget set "
-         f"{data.forget.shape[0]} copies of 1 image; torch threads {torch.get_num_threads()}", start)
+    say(f"base model {model_dir} (sha256 {base_hash[:12]}), {data.retain.shape[0]} digits, forget set "
+        f"{data.forget.shape[0]} copies of 1 image; torch threads {torch.get_num_threads()}", start)
 
-    before, samples_b, mask_b = measure(unet, abar, classifier, data, num_samples=cfg.num_samples,
-                                        sampler_steps=cfg.sampler_steps, seed=cfg.seed, likelihood=cfg.likelihood)
-    _log(f"before: {_short(before)}", start)
-    save_grid(samples_b[:100], run_dir / "grid_before.png", nrow=10, highlight=mask_b[:100])
+    def measured(tag: str):
+        """The demo's metrics of ``unet`` now, logged, and the grid of its first 100 samples (``grid_<tag>.png``)."""
+        metrics, samples, mask = measure(unet, abar, classifier, data, num_samples=cfg.num_samples,
+                                         sampler_steps=cfg.sampler_steps, seed=cfg.seed, likelihood=cfg.likelihood)
+        say(f"{tag}: {_short(metrics)}", start)
+        save_grid(samples[:100], run_dir / f"grid_{tag}.png", nrow=10, highlight=mask[:100])
+        return metrics, samples, mask
 
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "engine" if _engine_available() else "direct"
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_file = metrics_path.open("w") if backend == "direct" else None  # the engine writes its own
-
-    def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+    before, samples_b, mask_b = measured("before")
 
     t0 = time.perf_counter()
-    try:
-        if backend == "engine":
-            from .engine_backend import unlearn_engine
-
-            info = unlearn_engine(unet, model_dir, classifier, data, cfg, run_dir=run_dir,
-                                  log=log, start=start)
-        elif backend == "direct":
-            info = unlearn_direct(unet, abar, classifier, data, cfg, log=log, start=start)
-        else:
-            raise ValueError(f"backend: expected auto, engine or direct, got {cfg.backend!r}")
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
+    info = unlearn_engine(unet, model_dir, data, cfg, run_dir=run_dir)  # the engine writes metrics.jsonl
     unlearn_wall = time.perf_counter() - t0
-    _log(f"unlearned ({backend}): {info['steps']} steps, stop rule {info['stop_reason']!r}, kept step "
-         f"{info['final_step']}, {unlearn_wall:.1f} s", start)
+    say(f"unlearned (engine): {info['steps']} steps, stop rule {info['stop_reason']!r}, kept step "
+        f"{info['final_step']}, {unlearn_wall:.1f} s", start)
 
-    after, samples_a, mask_a = measure(unet, abar, classifier, data, num_samples=cfg.num_samples,
-                                       sampler_steps=cfg.sampler_steps, seed=cfg.seed, likelihood=cfg.likelihood)
-    _log(f"after: {_short(after)}", start)
-    save_grid(samples_a[:100], run_dir / "grid_after.png", nrow=10, highlight=mask_a[:100])
+    after, _, _ = measured("after")
     hits_b = samples_b[mask_b][:20]
     if hits_b.shape[0]:
         save_grid(hits_b, run_dir / "forget_samples_before.png", nrow=10)
 
     wall = time.perf_counter() - start
-    method = {"name": cfg.method, "lambd": cfg.lambd if cfg.method in ("siss", "bernoulli") else None,
-              "weight_clip": cfg.weight_clip}
+    method = method_record(cfg.method, cfg.lambd, weight_clip=cfg.weight_clip)
     command = "siss-fast demo " + " ".join(argv) if argv is not None else None
     report = {
         "title": f"{cfg.method} on the digits + planted T-shirt demo",
         "before": before, "after": after, "method": method,
         "steps": info["steps"], "final_step": info["final_step"], "stop_reason": info["stop_reason"],
-        "wall_s": round(wall, 1), "unlearn_wall_s": round(unlearn_wall, 1), "backend": backend,
+        "wall_s": round(wall, 1), "unlearn_wall_s": round(unlearn_wall, 1), "backend": "engine",
         "base_model_sha256": base_hash,
         "pass_criteria": _pass_criteria(before, after),
         "grids": {"before": "grid_before.png", "after": "grid_after.png",
@@ -374,8 +209,7 @@ def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any
     }
     if command:
         report["command"] = command
-    manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if (backend == "engine" and manifest_path.exists()) else {}
+    manifest = read_engine_manifest(run_dir)
     if "metrics_before" in manifest:
         report["stop_signal"] = {
             "stop_reason": info["stop_reason"], "step": info["steps"], "kept_step": info["final_step"],
@@ -386,28 +220,13 @@ def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any
                         f"{cfg.seed + 1}): the targeted probe (forget_probe: the T-shirt noised to an intermediate "
                         "level and denoised, share that comes back) and the Fréchet distance of its samples to the "
                         "digits in the base UNet's features (feature_fd), both without a classifier.")}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    if "metrics_before" in manifest:  # the engine's record: keep its validation scores, under their own name
-        manifest["engine_validation"] = {"before": manifest.pop("metrics_before"),
-                                         "after": manifest.pop("metrics_after", None),
-                                         "method": manifest.pop("method", None)}
-    manifest.update({
-        "kind": "siss-fast demo: data unlearning audit record",
-        "forget_items": _forget_items(data, run_dir),
-        "base_model": {**manifest.get("base_model", {}), "path": str(model_dir), "sha256": base_hash},
-        "method": method,
-        "config": asdict(resolved(cfg)),
-        "unlearning": {k: v for k, v in info.items()},
-        "metrics_before": before, "metrics_after": after,
-        "pass_criteria": report["pass_criteria"],
-        "software": _versions(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_s": report["wall_s"],
-    })
-    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    rebuild_report(run_dir)
-    _log(f"wrote {run_dir}/report.md ({wall:.1f} s total)", start)
+    write_run_record(
+        run_dir, report, manifest, kind="siss-fast demo: data unlearning audit record",
+        forget_items=forget_items(run_dir, run_dir / "data" / "forget",
+                                  copies_in_training_set=int(data.forget.shape[0])),
+        base_model={"path": str(model_dir), "sha256": base_hash}, method=method, config=asdict(resolved(cfg)),
+        unlearning=dict(info), before=before, after=after, software=software_versions())
+    say(f"wrote {run_dir}/report.md ({wall:.1f} s total)", start)
     return report
 
 
@@ -422,57 +241,41 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
 
     ``neggrad`` has no retain gradient, so ``scaling_norm: auto`` (0.1 |G_x|) is undefined for it: it gets the
     ``c`` that SISS's auto rule measured (the same forget-gradient norm SISS applies), recorded in its row."""
-    from .models import SHIPPED_MODEL, load_base_model, model_hash
+    from .engine_backend import unlearn_engine
+    from .models import model_hash
     from .report import rebuild_report, save_pareto_plot
 
-    start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(cfg.model) if cfg.model else SHIPPED_MODEL
-    unet0, scheduler, classifier = load_base_model(model_dir)
-    abar = scheduler.alphas_cumprod.to(torch.float64)
-    data = demo_data()
-    backend = cfg.backend if cfg.backend != "auto" else ("engine" if _engine_available() else "direct")
+    start, run_dir, model_dir, unet0, abar, classifier, data = _open_run(cfg)
     before, _, _ = measure(unet0, abar, classifier, data, num_samples=cfg.num_samples,
                            sampler_steps=cfg.sampler_steps, seed=cfg.seed, likelihood=False)
-    _log(f"before: {_short(before)}", start)
+    say(f"before: {_short(before)}", start)
     rows: List[Dict[str, Any]] = []
     siss_c: Optional[float] = None
     with (run_dir / "metrics.jsonl").open("w") as f:
-        for name, kw in COMPARE_METHODS:
+        for name, kw in compare_methods():
             extra: Dict[str, Any] = {}
-            if kw["method"] == "neggrad" and cfg.scaling_norm == "auto":
+            if not get_method(kw["method"]).has_retain and cfg.scaling_norm == "auto":  # neggrad
                 extra["scaling_norm"] = siss_c if siss_c is not None else 1.0
             c = DemoConfig(**{**asdict(cfg), **kw, **extra})
             unet = copy.deepcopy(unet0)
             t0 = time.perf_counter()
-            if backend == "engine":
-                from .engine_backend import unlearn_engine
-
-                method_dir = run_dir / "methods" / name.replace("(", "_").replace(")", "").replace("+", "_")
-                info = unlearn_engine(unet, model_dir, classifier, data, c, run_dir=method_dir, log=None,
-                                      start=start)
-                manifest = json.loads((method_dir / "manifest.json").read_text())
-                info["scaling_norm"] = manifest.get("scaling_norm")
-                for line in (method_dir / "metrics.jsonl").read_text().splitlines():
-                    if line.strip():
-                        record = json.loads(line)
-                        f.write(json.dumps({"method": name, **record}) + "\n")
-                        if "validation" in record:  # the check that ended the run (a tripped guard shows here)
-                            info["last_check"] = record["validation"]
-            else:
-                info = unlearn_direct(unet, abar, classifier, data, resolved(c),
-                                      log=lambda row, n=name: f.write(json.dumps({"method": n, **row}) + "\n"),
-                                      start=start)
+            method_dir = run_dir / "methods" / name.replace("(", "_").replace(")", "").replace("+", "_")
+            info = unlearn_engine(unet, model_dir, data, c, run_dir=method_dir)
+            manifest = json.loads((method_dir / "manifest.json").read_text())
+            info["scaling_norm"] = manifest.get("scaling_norm")
+            for line in (method_dir / "metrics.jsonl").read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    f.write(json.dumps({"method": name, **record}) + "\n")
+                    if "validation" in record:  # the check that ended the run (a tripped guard shows here)
+                        info["last_check"] = record["validation"]
             if name == "siss(0.5)" and isinstance(info.get("scaling_norm"), (int, float)):
                 siss_c = float(info["scaling_norm"])
             wall = time.perf_counter() - t0
             after, _, _ = measure(unet, abar, classifier, data, num_samples=cfg.num_samples,
                                   sampler_steps=cfg.sampler_steps, seed=cfg.seed, likelihood=False)
-            _log(f"{name}: {info['steps']} steps ({info['stop_reason']}, kept step {info['final_step']}), after: "
-                 f"{_short(after)}", start)
+            say(f"{name}: {info['steps']} steps ({info['stop_reason']}, kept step {info['final_step']}), after: "
+                f"{_short(after)}", start)
             rows.append({"name": name, **kw, **extra, "steps": info["steps"], "final_step": info["final_step"],
                          "stop_reason": info["stop_reason"], "last_check": info.get("last_check"),
                          "wall_s": round(wall, 1), "after": after})
@@ -480,7 +283,7 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     settings = resolved(cfg)
     report = {"title": "comparison of unlearning methods", "before": before, "after": {},
               "method": "compare", "steps": cfg.max_steps, "wall_s": round(time.perf_counter() - start, 1),
-              "backend": backend, "base_model_sha256": model_hash(model_dir), "compare": rows,
+              "backend": "engine", "base_model_sha256": model_hash(model_dir), "compare": rows,
               "notes": [f"same budget ({cfg.max_steps} steps, batch {settings.batch_size}, lr {settings.lr}), seed "
                         f"{cfg.seed}, engine defaults and stop rules for every method; plot drawn with {plot}",
                         "siss(0)+clip: lambda = 0 (samples drawn around the retain images only) with importance "
@@ -495,5 +298,5 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     (run_dir / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     rebuild_report(run_dir)
-    _log(f"wrote {run_dir}/report.md", start)
+    say(f"wrote {run_dir}/report.md", start)
     return report

@@ -23,21 +23,19 @@ Offline, on a CPU, in a few minutes:
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from .engine_backend import fresh_run_dir  # noqa: E402
-from .run import _log  # noqa: E402
-from .t2i_base import (DIGIT_PROMPTS, FORGET_PROMPT, REPRODUCTION_THRESHOLD, MemorizeSettings,  # noqa: E402
-                       check_prompts)
+from .engine_backend import fresh_run_dir
+from .record import (forget_items, method_lambd, method_record, read_engine_manifest, say, software_versions,
+                     write_run_record)
+from .t2i_base import DIGIT_PROMPTS, FORGET_PROMPT, REPRODUCTION_THRESHOLD, MemorizeSettings, check_prompts
 
 __all__ = ["T2IConfig", "run_text_to_image", "engine_config", "write_t2i_folders"]
 
@@ -99,11 +97,11 @@ def _build_base(cfg: T2IConfig, data: Any, run_dir: Path, start: float) -> Tuple
     build_tiny("tiny-sd", build, channels=1, image_size=16, seed=cfg.seed)
     model = load_model(str(build))
     check_prompts(model.tokenizer, [cfg.forget_prompt, *DIGIT_PROMPTS, *cfg.other_prompts])
-    _log(f"built a tiny Stable Diffusion from configs: UNet {_count(model.unet)}, VAE {_count(model.vae)}, text "
-         f"encoder {_count(model.text_encoder)} parameters", start)
+    say(f"built a tiny Stable Diffusion from configs: UNet {_count(model.unet)}, VAE {_count(model.vae)}, text "
+        f"encoder {_count(model.text_encoder)} parameters", start)
     vae_info = train_vae(model.vae, data.train, data.forget_image, steps=cfg.vae_steps, seed=cfg.seed)
-    _log(f"VAE trained {cfg.vae_steps} steps: reconstruction MSE {vae_info['vae_recon_mse']:.4f}, T-shirt "
-         f"similarity {vae_info['vae_forget_similarity']:.4f}, scaling_factor {vae_info['scaling_factor']:.4f}", start)
+    say(f"VAE trained {cfg.vae_steps} steps: reconstruction MSE {vae_info['vae_recon_mse']:.4f}, T-shirt "
+        f"similarity {vae_info['vae_forget_similarity']:.4f}, scaling_factor {vae_info['scaling_factor']:.4f}", start)
     model.text_encoder.requires_grad_(False)
     emb = embed_prompts(model, [cfg.forget_prompt, "", *DIGIT_PROMPTS])
     cond_f, uncond, digits = emb[:1], emb[1:2], emb[2:]
@@ -113,10 +111,10 @@ def _build_base(cfg: T2IConfig, data: Any, run_dir: Path, start: float) -> Tuple
         info = memorize(model.unet, model.vae, model.scheduler.alphas_cumprod, retain, digits[data.retain_labels],
                         forget, cond_f, uncond, data.forget_image, cfg.memorize, sampler_steps=cfg.sampler_steps,
                         guidance_scale=cfg.guidance_scale, seed=cfg.seed,
-                        log=lambda row: fh.write(json.dumps(row) + "\n"), progress=lambda m: _log(m, start))
+                        log=lambda row: fh.write(json.dumps(row) + "\n"), progress=lambda m: say(m, start))
     if info["memorized_at"] is None:
-        _log(f"warning: after {info['steps']} steps the base model reproduces the image in only "
-             f"{info['final_check_rate']:.0%} of the check generations (target {cfg.memorize.target_rate:.0%})", start)
+        say(f"warning: after {info['steps']} steps the base model reproduces the image in only "
+            f"{info['final_check_rate']:.0%} of the check generations (target {cfg.memorize.target_rate:.0%})", start)
     # Stable Diffusion schedulers do not clip x0: latents are not bounded to [-1, 1] (the engine's DDIM validation
     # sampler reads this flag from the model's scheduler config)
     model.scheduler.register_to_config(clip_sample=False)
@@ -187,7 +185,7 @@ def engine_config(cfg: T2IConfig, base: Path, run_dir: Path, folders: Dict[str, 
         "model": {"path": str(base)},
         "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"]),
                  "captions": str(folders["captions"])},
-        "method": given(name=cfg.method, lambd=cfg.lambd if cfg.method in ("siss", "bernoulli") else None),
+        "method": given(name=cfg.method, lambd=method_lambd(cfg.method, cfg.lambd)),
         "train": given(steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device="cpu",
                        cpu_threads=cfg.threads),
         "checkpoint": {"every": 0},
@@ -242,26 +240,6 @@ def _pass_criteria(before: Dict[str, float], after: Dict[str, float], closeness_
     }
 
 
-def _forget_items(run_dir: Path, folders: Dict[str, Path], prompt: str, share: Optional[float]
-                  ) -> List[Dict[str, Any]]:
-    """The forget item(s) for the manifest: file, sha256 of the PNG and of its 8-bit pixels, the prompt and its
-    sha256, and the share of the memorization fine-tune's batches it filled (``None`` for a reused base model)."""
-    import hashlib
-
-    import numpy as np
-    from PIL import Image
-
-    items = []
-    for path in sorted(folders["forget"].glob("*.png")):
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L"), dtype=np.uint8)
-        items.append({"file": str(path.relative_to(run_dir)), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                      "sha256_pixels_uint8": hashlib.sha256(arr.tobytes()).hexdigest(), "prompt": prompt,
-                      "prompt_sha256": hashlib.sha256(prompt.encode("utf-8")).hexdigest(),
-                      "share_of_fine_tune_batches": share, "shape": list(arr.shape)})
-    return items
-
-
 def _save_grids(run_dir: Path, tag: str, samples: Dict[str, torch.Tensor], threshold: float, reference) -> None:
     from siss_fast.metrics import image_similarity
 
@@ -285,8 +263,6 @@ def run_text_to_image(cfg: T2IConfig, argv: Optional[Sequence[str]] = None) -> D
     from siss_fast.metrics.engine_metrics import load_classifier
 
     from .data import demo_data
-    from .report import rebuild_report
-    from .run import _versions
     from .t2i_base import non_memorized_generations
 
     start = time.perf_counter()
@@ -299,19 +275,19 @@ def run_text_to_image(cfg: T2IConfig, argv: Optional[Sequence[str]] = None) -> D
     share = None if cfg.model else cfg.memorize.forget_per_batch / cfg.memorize.batch_size  # unknown if reused
     if cfg.model:
         base, base_info = Path(cfg.model), {"reused_base_model": str(cfg.model)}
-        _log(f"base model {base} (reused: no VAE training, no memorization fine-tune)", start)
+        say(f"base model {base} (reused: no VAE training, no memorization fine-tune)", start)
     else:
         base, base_info = _build_base(cfg, data, run_dir, start)
     base_hash = hash_model_folder(base)
     model = load_model(str(base))
     check_prompts(model.tokenizer, [cfg.forget_prompt, *cfg.other_prompts])
-    _log(f"base model {base} (sha256 {base_hash[:12]}); torch threads {torch.get_num_threads()}", start)
+    say(f"base model {base} (sha256 {base_hash[:12]}); torch threads {torch.get_num_threads()}", start)
     classifier = load_classifier()
     probe = _probe(model, data, cfg.probe_size, cfg.seed + 5)
     reference = data.forget_image[0]
 
     before, samples_b = _measure(model, data, cfg, probe, classifier)
-    _log(f"before: {_short(before)}", start)
+    say(f"before: {_short(before)}", start)
     _save_grids(run_dir, "before", samples_b, cfg.similarity_threshold, reference)
 
     digit_max = float(image_similarity(data.retain, reference).max())
@@ -321,11 +297,11 @@ def run_text_to_image(cfg: T2IConfig, argv: Optional[Sequence[str]] = None) -> D
         max_generations=cfg.max_generations, chunk=cfg.generation_chunk, sampler_steps=cfg.sampler_steps,
         guidance_scale=cfg.guidance_scale, seed=cfg.seed + 2000)
     digit_index = _digit_index(data, cfg.retain_per_class, cfg.seed + 9)
-    _log(f"retain set: {len(digit_index)} digits with their captions + {gen_info['kept']} of {gen_info['drawn']} "
-         f"generations of '{cfg.forget_prompt}' that do not show the image (similarity <= {threshold:.3f})", start)
+    say(f"retain set: {len(digit_index)} digits with their captions + {gen_info['kept']} of {gen_info['drawn']} "
+        f"generations of '{cfg.forget_prompt}' that do not show the image (similarity <= {threshold:.3f})", start)
     if gen_info["kept"] == 0:
-        _log(f"warning: no generation of '{cfg.forget_prompt}' is free of the image; the forget prompt has no retain "
-             "examples (raise max_generations)", start)
+        say(f"warning: no generation of '{cfg.forget_prompt}' is free of the image; the forget prompt has no retain "
+            "examples (raise max_generations)", start)
     folders = write_t2i_folders(data, run_dir / "data", cfg.forget_prompt, digit_index, generated)
     retain_info = {"digits": len(digit_index), "digits_per_class": cfg.retain_per_class,
                    "generations": gen_info, "digit_max_similarity": round(digit_max, 4)}
@@ -336,19 +312,19 @@ def run_text_to_image(cfg: T2IConfig, argv: Optional[Sequence[str]] = None) -> D
     kept = result.kept_step if result.kept_step is not None else result.steps_done  # 0: the base model was kept
     info = {"steps": result.steps_done, "final_step": kept, "stop_reason": result.stop_reason,
             "final_dir": str(result.final_dir), "retain_set": retain_info}
-    _log(f"unlearned (engine): {info['steps']} steps, stop rule {info['stop_reason']!r}, kept step {kept}, "
-         f"{unlearn_wall:.1f} s", start)
+    say(f"unlearned (engine): {info['steps']} steps, stop rule {info['stop_reason']!r}, kept step {kept}, "
+        f"{unlearn_wall:.1f} s", start)
 
     after, samples_a = _measure(load_model(str(result.final_dir)), data, cfg, probe, classifier)
     closeness = torch.stack([image_similarity(a[None], b)[0] for a, b in
                              zip(samples_a["other"].flatten(0, 1), samples_b["other"].flatten(0, 1))])
     after["other_prompt_similarity_to_before"] = float(closeness.mean())
     after["other_prompt_similarity_to_before_min"] = float(closeness.min())
-    _log(f"after: {_short(after)}", start)
+    say(f"after: {_short(after)}", start)
     _save_grids(run_dir, "after", samples_a, cfg.similarity_threshold, reference)
 
     wall = time.perf_counter() - start
-    method = {"name": cfg.method, "lambd": cfg.lambd if cfg.method in ("siss", "bernoulli") else None}
+    method = method_record(cfg.method, cfg.lambd)
     report = {
         "title": f"{cfg.method} on a tiny text-to-image model that memorized one image for one prompt",
         "kind": "text-to-image",
@@ -366,33 +342,15 @@ def run_text_to_image(cfg: T2IConfig, argv: Optional[Sequence[str]] = None) -> D
     }
     if argv is not None:
         report["command"] = "siss-fast demo " + " ".join(argv)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if "metrics_before" in manifest:  # the engine's validation scores, kept under their own name
-        manifest["engine_validation"] = {"before": manifest.pop("metrics_before"),
-                                         "after": manifest.pop("metrics_after", None),
-                                         "method": manifest.pop("method", None)}
-    versions = _versions()
-    try:
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - the SD pipeline needs it
-        pass
-    manifest.update({
-        "kind": "siss-fast demo --text-to-image: data unlearning audit record",
-        "forget_items": _forget_items(run_dir, folders, cfg.forget_prompt, share),
-        "base_model": {**manifest.get("base_model", {}), "path": str(base), "sha256": base_hash, **base_info},
-        "method": method, "config": asdict(cfg), "unlearning": info,
-        "metrics_before": before, "metrics_after": after, "pass_criteria": report["pass_criteria"],
-        "software": versions, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_s": report["wall_s"],
-    })
-    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    rebuild_report(run_dir)
-    _log(f"wrote {run_dir}/report.md ({wall:.1f} s total)", start)
+    prompt_sha256 = hashlib.sha256(cfg.forget_prompt.encode("utf-8")).hexdigest()
+    write_run_record(
+        run_dir, report, read_engine_manifest(run_dir),
+        kind="siss-fast demo --text-to-image: data unlearning audit record",
+        forget_items=forget_items(run_dir, folders["forget"], prompt=cfg.forget_prompt, prompt_sha256=prompt_sha256,
+                                  share_of_fine_tune_batches=share),
+        base_model={"path": str(base), "sha256": base_hash, **base_info}, method=method, config=asdict(cfg),
+        unlearning=info, before=before, after=after, software=software_versions("transformers"))
+    say(f"wrote {run_dir}/report.md ({wall:.1f} s total)", start)
     return report
 
 

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from siss_fast.gradient_rules import RULES
+from siss_fast.methods import check_method_params
+
 from .config_types import build_dataclass, merge_mappings
 from .defaults import KIND_DEFAULTS, VALIDATION_DEFAULTS, apply_kind_defaults, resolve_validation
 from .errors import ConfigError
@@ -43,8 +46,6 @@ __all__ = ["ConfigError", "EngineConfig", "load_config", "parse_overrides", "to_
 
 
 BUILDS = ("tiny-ddpm", "tiny-sd")
-METHODS = ("siss", "siss_nois", "naive", "neggrad", "erasediff", "bernoulli")
-RULES = ("rescale", "clip", "erasediff")
 PRECISIONS = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -84,16 +85,16 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "siss"
-    lambd: Optional[float] = None  # siss (default 0.5), bernoulli
-    weight_clip: Optional[float] = None  # siss only
+    name: str = "siss"  # a registered method (siss_fast.methods: siss, siss_nois, naive, neggrad, erasediff, ...)
+    lambd: Optional[float] = None  # the methods that take it (siss, bernoulli; default 0.5)
+    weight_clip: Optional[float] = None  # the methods that take it (siss)
     t_range: Optional[List[int]] = None  # inclusive [t_min, t_max]; default the whole range
     retain_source: str = "complement"  # complement | full
 
 
 @dataclass
 class GradientConfig:
-    rule: Optional[str] = None  # rescale | clip | erasediff; default: the method's (objectives.RULE_HINTS)
+    rule: Optional[str] = None  # rescale | clip | erasediff; default: the method's (siss_fast.methods, MethodSpec.rule)
     scaling_norm: Union[float, str] = "auto"  # c, or auto = 0.1 x the median |G_x| of the first auto_steps steps
     auto_steps: int = 8  # steps whose |G_x| the auto scaling norm takes the median of
     max_forget_scale: Optional[float] = 1e4
@@ -305,25 +306,17 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
         _require(cfg.model.image_size >= 8 and cfg.model.image_size % 8 == 0, "model.image_size",
                  f"expected a multiple of 8 >= 8, got {cfg.model.image_size}")
 
-    # method
-    _require(m.name in METHODS, "method.name", f"expected one of {METHODS}, got {m.name!r}")
-    if m.lambd is not None:
-        _require(m.name in ("siss", "bernoulli"), "method.lambd", f"only siss and bernoulli take it, not {m.name!r}")
-        lo_ok = m.lambd >= 0 if m.name == "siss" else m.lambd > 0
-        hi_ok = m.lambd <= 1 if m.name == "siss" else m.lambd < 1
-        _require(lo_ok and hi_ok, "method.lambd",
-                 f"expected {'0 <= lambd <= 1' if m.name == 'siss' else '0 < lambd < 1'}, got {m.lambd}")
+    # method: what the method's record (siss_fast.methods) takes
+    try:
+        spec = check_method_params(m.name, lambd=m.lambd, weight_clip=m.weight_clip, retain_source=m.retain_source)
+    except ValueError as exc:  # "<param>: <what is valid>"; the unknown-name message starts with "method:"
+        param, _, message = str(exc).partition(": ")
+        raise ConfigError(f"method.{'name' if param == 'method' else param}: {message}") from None
     if m.weight_clip is not None:
-        _require(m.name == "siss", "method.weight_clip", f"only siss takes it, not {m.name!r}")
         _positive("method.weight_clip", m.weight_clip)
     if m.t_range is not None:
         _require(len(m.t_range) == 2 and 0 <= m.t_range[0] <= m.t_range[1], "method.t_range",
                  f"expected [t_min, t_max] with 0 <= t_min <= t_max, got {m.t_range}")
-    _require(m.retain_source in ("complement", "full"), "method.retain_source",
-             f"expected complement or full, got {m.retain_source!r}")
-    if m.retain_source == "full":
-        _require(m.name in ("siss", "siss_nois", "neggrad", "bernoulli"), "method.retain_source",
-                 f"'full' applies to siss, siss_nois, neggrad, bernoulli, not {m.name!r}")
 
     # gradient
     if g.rule is not None:
@@ -331,9 +324,9 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
     if isinstance(g.scaling_norm, str):
         _require(g.scaling_norm == "auto", "gradient.scaling_norm",
                  f"expected a number > 0 or 'auto', got {g.scaling_norm!r}")
-        # auto measures |G_x| on the first step; neggrad has no retain term to measure
-        _require(m.name != "neggrad", "gradient.scaling_norm",
-                 "expected a number > 0 for method neggrad ('auto' = 0.1 |G_x| needs a retain term), got 'auto'")
+        # auto measures |G_x| on the first steps; a method without a retain term (neggrad) has none to measure
+        _require(spec.has_retain, "gradient.scaling_norm",
+                 f"expected a number > 0 for method {m.name} ('auto' = 0.1 |G_x| needs a retain term), got 'auto'")
     else:
         _positive("gradient.scaling_norm", g.scaling_norm)
     _positive("gradient.max_forget_scale", g.max_forget_scale, allow_none=True)

@@ -41,11 +41,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import checkpoint as CK
-from . import data as D
-from . import models as M
-from . import setup as S
-from . import run_record as RR
+from . import checkpoint
+from . import data as engine_data
+from . import models
+from . import setup as run_setup
+from . import run_record
 from .config import EngineConfig, to_dict
 from .step import UnlearnStep
 from .validator import Validator, unet_state
@@ -63,7 +63,7 @@ class RunResult:
     kept_step: Optional[int] = None  # the step whose weights are the final model (best, last good or end)
 
 
-def _log(msg: str, dist: S.Dist) -> None:
+def _log(msg: str, dist: run_setup.Dist) -> None:
     if dist.main:
         print(f"[siss-fast] {msg}", flush=True)
 
@@ -147,17 +147,18 @@ def run(cfg: EngineConfig, *, stop_after: Optional[int] = None) -> RunResult:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
-def _finished(cfg: EngineConfig, out: Path, dist: S.Dist) -> Optional[RunResult]:
+def _finished(cfg: EngineConfig, out: Path, dist: run_setup.Dist) -> Optional[RunResult]:
     """The result of the finished run in ``out`` when this command retries it (``resume`` set): its final model is
     verified against the manifest and nothing is written. A new run into that folder is refused."""
-    manifest = RR.read_finished(out)
+    manifest = run_record.read_finished(out)
     if manifest is None:
         return None
     if not cfg.checkpoint.resume:
-        RR.refuse_new_run(out, manifest)
-    RR.verify_final(out, manifest)
-    _log(f"{out} is a finished run: {RR.describe_finished(manifest)}; nothing to do (files unchanged). To continue "
-         f"past its stop, start a new run from its final model: model={out / 'final'} output_dir=NEW_DIR", dist)
+        run_record.refuse_new_run(out, manifest)
+    run_record.verify_final(out, manifest)
+    _log(f"{out} is a finished run: {run_record.describe_finished(manifest)}; nothing to do (files unchanged). To "
+         f"continue past its stop, start a new run from its final model: model={out / 'final'} output_dir=NEW_DIR",
+         dist)
     stop = manifest.get("stop") or {}
     return RunResult(out, stop.get("reason", manifest.get("stop_reason")), int(stop.get("step", 0)),
                      stop.get("best_step"), out / "final", stop.get("kept_step"))
@@ -165,8 +166,8 @@ def _finished(cfg: EngineConfig, out: Path, dist: S.Dist) -> Optional[RunResult]
 
 def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
     started = datetime.now(timezone.utc).isoformat()
-    dist = S.init_distributed(cfg.train.device)
-    device = S.pick_device(cfg.train.device, dist)
+    dist = run_setup.init_distributed(cfg.train.device)
+    device = run_setup.pick_device(cfg.train.device, dist)
     out = Path(cfg.output_dir)
     finished = _finished(cfg, out, dist)  # before anything loads or is written
     if finished is not None:
@@ -178,8 +179,8 @@ def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
     np.random.seed(cfg.train.seed % 2**32)
     torch.manual_seed(cfg.train.seed)  # CPU and every CUDA device
 
-    model = S.prepare_model(cfg, dist, out)
-    run_data = S.prepare_data(cfg, model, device)
+    model = run_setup.prepare_model(cfg, dist, out)
+    run_data = run_setup.prepare_data(cfg, model, device)
     step_fn = UnlearnStep(cfg, model, run_data, device, dist=dist)  # fills the model kind's batch / lr defaults
     if dist.main:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -197,13 +198,13 @@ def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
     ckpt_root = out / "checkpoints"
     resume_from = None
     if cfg.checkpoint.resume == "latest":
-        resume_from = CK.find_latest(ckpt_root)
+        resume_from = checkpoint.find_latest(ckpt_root)
         if resume_from is None:
             _log(f"resume=latest: no checkpoint yet in {ckpt_root}; starting from the beginning", dist)
     elif cfg.checkpoint.resume:
         resume_from = Path(cfg.checkpoint.resume)
     if resume_from is not None:
-        state = CK.load_checkpoint(resume_from, dist.rank)
+        state = checkpoint.load_checkpoint(resume_from, dist.rank)
         unet.load_state_dict(state["unet"])
         trainer = state["trainer"]
         optimizer.load_state_dict(trainer["optimizer"])
@@ -215,14 +216,14 @@ def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
         stop = trainer.get("stop")
         if validator is not None and trainer.get("validation") is not None:
             validator.load_state_dict(trainer["validation"])
-        CK.restore_rng(state["rng"], streams)
+        checkpoint.restore_rng(state["rng"], streams)
         _log(f"resumed from {resume_from} at step {start}"
              + (f": the {stop['reason']} rule had stopped the run there; writing its outputs" if stop else ""), dist)
     log = _MetricsLog(out / "metrics.jsonl", start if resume_from is not None else None,
                       out / "tensorboard" if cfg.log.tensorboard else None) if dist.main else None
 
     def save_checkpoint(step: int) -> None:
-        rng = CK.capture_rng(streams)
+        rng = checkpoint.capture_rng(streams)
         if dist.world > 1:
             gathered: List[Any] = [None] * dist.world
             torch.distributed.all_gather_object(gathered, rng)
@@ -234,7 +235,7 @@ def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
                              "combiner": combiner.state_dict(), "step": step, "consecutive_skips": consecutive_skips,
                              "stop": stop, "validation": None if validator is None else validator.state_dict(),
                              "ema": None if step_fn.ema is None else step_fn.ema.state_dict()}
-            CK.save_checkpoint(ckpt_root, step, unet.state_dict(), trainer_state, rng_states,
+            checkpoint.save_checkpoint(ckpt_root, step, unet.state_dict(), trainer_state, rng_states,
                                cfg.checkpoint.keep_last)
         dist.barrier()
 
@@ -342,8 +343,8 @@ def _time_split(path: Path) -> Dict[str, float]:
             "validation_share": round(check / (train + check), 4) if train + check > 0 else 0.0}
 
 
-def _write_outputs(cfg: EngineConfig, out: Path, dist: S.Dist, model: M.LoadedModel, run_data: S.RunData,
-                   validator: Optional[Validator], combiner: Any, unet: torch.nn.Module, log: Optional[_MetricsLog],
+def _write_outputs(cfg: EngineConfig, out: Path, dist: run_setup.Dist, model: models.LoadedModel,
+                   run_data: run_setup.RunData, validator: Optional[Validator], combiner: Any, unet: torch.nn.Module, log: Optional[_MetricsLog],
                    stop: Dict[str, Any], started: str) -> RunResult:
     """The end of a run (:mod:`.run_record`): closing record, ``final/``, then the manifest that marks it finished."""
     reason, step = stop["reason"], int(stop["step"])
@@ -357,17 +358,17 @@ def _write_outputs(cfg: EngineConfig, out: Path, dist: S.Dist, model: M.LoadedMo
         else:
             kept_step = kept
         log.write({"step": step, "stop_reason": reason, "final_from": final_from})
-        M.save_final(model, final_state, final_dir)
+        models.save_final(model, final_state, final_dir)
         manifest = {
             "method": cfg.method.name,
-            "forget_items": D.describe_set(run_data.forget_files),
+            "forget_items": engine_data.describe_set(run_data.forget_files),
             "retain_items": len(run_data.retain_files),
             "base_model": {"source": cfg.model.path or f"build:{cfg.model.build}",
-                           "sha256": M.hash_model_folder(model.path)},
+                           "sha256": models.hash_model_folder(model.path)},
             "stop": {"reason": reason, "step": step, "kept_step": kept_step, "best_step": best_step},
             "stop_reason": reason,
             "steps_done": step,
-            "final_model": {"path": str(final_dir), "from": final_from, "sha256": M.hash_model_folder(final_dir)},
+            "final_model": {"path": str(final_dir), "from": final_from, "sha256": models.hash_model_folder(final_dir)},
             "metrics_before": validator.scores_by_step.get(0) if validator else None,
             "metrics_after": validator.scores_by_step.get(kept_step) if validator else None,
             "scaling_norm": combiner.scaling_norm,
@@ -379,7 +380,7 @@ def _write_outputs(cfg: EngineConfig, out: Path, dist: S.Dist, model: M.LoadedMo
             "started": started,
             "finished": datetime.now(timezone.utc).isoformat(),
         }
-        RR.write_manifest(out, manifest)
+        run_record.write_manifest(out, manifest)
         _log(f"done: {reason} after {step} steps; final model ({final_from}) in {final_dir}", dist)
     dist.barrier()
     return RunResult(out, reason, step, best_step, final_dir, kept_step)

@@ -4,8 +4,10 @@
   folder (``config.json`` + weights; the scheduler from ``scheduler_config.json`` there, else DDPM defaults).
 * Stable Diffusion: a pipeline folder with ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``.
 
-Loading never touches the network (``HF_HUB_OFFLINE=1`` is set before diffusers/transformers are imported,
-``local_files_only=True``) and reads safetensors only. Pickle files (``.bin``, ``.ckpt``, ``.pt``) are refused unless
+Loading never touches the network (every ``from_pretrained`` gets ``local_files_only=True``, and the loaders run
+with ``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1`` and ``HF_HUB_DISABLE_TELEMETRY=1`` set for their duration only:
+:func:`offline`, so a diffusers / transformers imported there starts offline; importing this module changes nothing)
+and reads safetensors only. Pickle files (``.bin``, ``.ckpt``, ``.pt``) are refused unless
 ``allow_pickle: true``; then they are read with ``torch.load(weights_only=True)``.
 
 The tiny builders (``tiny-ddpm``, ``tiny-sd``) make random-weight models from configs, save them as a diffusers
@@ -15,17 +17,15 @@ few merges) and the engine loads that folder back through the same code as any u
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers / transformers are imported anywhere below
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-import torch  # noqa: E402
+import torch
 
 __all__ = ["ModelError", "ModelInfo", "LoadedModel", "peek_model", "load_model", "build_tiny", "save_final",
            "PICKLE_SUFFIXES"]
@@ -63,6 +63,36 @@ class LoadedModel:
     @property
     def vae_scale(self) -> int:
         return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Hugging Face libraries offline (and without telemetry) for the duration: the variables of ``_OFFLINE_ENV``
+    are set inside and restored on exit."""
+    saved = {key: os.environ.get(key) for key in _OFFLINE_ENV}
+    os.environ.update(_OFFLINE_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _offline_call(fn: Any) -> Any:
+    """Run ``fn`` inside :func:`offline`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with offline():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -146,6 +176,7 @@ def _load_component(cls: Any, folder: Path, allow_pickle: bool) -> Any:
     return model
 
 
+@_offline_call
 def load_model(path: str, *, allow_pickle: bool = False) -> LoadedModel:
     """Load a pixel DDPM or a Stable Diffusion pipeline folder (fp32, CPU, offline)."""
     from diffusers import DDPMScheduler
@@ -206,6 +237,7 @@ def write_tiny_tokenizer(folder: Path, max_length: int = 16) -> None:
         "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
 
 
+@_offline_call
 def build_tiny(name: str, folder: Path, *, channels: int = 3, image_size: int = 16, seed: int = 0) -> Path:
     """Write a random-weight ``tiny-ddpm`` or ``tiny-sd`` diffusers folder to ``folder`` (safetensors)."""
     from diffusers import DDPMScheduler

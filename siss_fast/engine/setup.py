@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from . import data as D
-from . import models as M
+from . import data as engine_data
+from . import models
 from .config import EngineConfig
 
 __all__ = ["Dist", "init_distributed", "pick_device", "autocast_dtype", "RunData", "prepare_model", "prepare_data",
@@ -67,23 +67,23 @@ def autocast_dtype(precision: str) -> Optional[torch.dtype]:
     return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def prepare_model(cfg: EngineConfig, dist: Dist, out: Path) -> M.LoadedModel:
+def prepare_model(cfg: EngineConfig, dist: Dist, out: Path) -> models.LoadedModel:
     """Load the configured model; a ``build`` recipe is written to ``OUTPUT_DIR/base_model`` first and loaded from
     there through the same offline code as any user model."""
     if cfg.model.build is None:
-        return M.load_model(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
+        return models.load_model(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
     folder = out / "base_model"
     if dist.main and not (folder / "model_index.json").is_file():
         tmp = out / ".tmp-base_model"
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-        M.build_tiny(cfg.model.build, tmp, channels=cfg.model.channels, image_size=cfg.model.image_size,
+        models.build_tiny(cfg.model.build, tmp, channels=cfg.model.channels, image_size=cfg.model.image_size,
                      seed=cfg.model.seed)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     dist.barrier()
-    return M.load_model(str(folder))
+    return models.load_model(str(folder))
 
 
 @dataclass
@@ -96,8 +96,8 @@ class RunData:
     forget_pixels: Tensor
     retain_x: Optional[Tensor] = None  # DDPM: (N, C, H, W) in [-1, 1] on the device
     forget_x: Optional[Tensor] = None
-    retain_latents: Optional[D.LatentCache] = None  # SD
-    forget_latents: Optional[D.LatentCache] = None
+    retain_latents: Optional[engine_data.LatentCache] = None  # SD
+    forget_latents: Optional[engine_data.LatentCache] = None
     embeddings: Optional[Tensor] = None  # (P, L, D): one per distinct prompt
     retain_prompt_idx: Optional[Tensor] = None  # (N,) index into embeddings
     forget_prompt_idx: Optional[Tensor] = None
@@ -111,7 +111,7 @@ class RunData:
     def n_forget(self) -> int:
         return len(self.forget_files)
 
-    def draw(self, stream: D.SampleStream, batch: int, device: torch.device):
+    def draw(self, stream: engine_data.SampleStream, batch: int, device: torch.device):
         """One micro-batch ``(x0, a0, cond_x, cond_a)`` with replacement from ``stream``'s generators."""
         ri = stream.indices(self.n_retain, batch)
         fi = stream.indices(self.n_forget, batch)
@@ -124,12 +124,12 @@ class RunData:
         return x0, a0, cond_x, cond_a
 
 
-def prepare_data(cfg: EngineConfig, model: M.LoadedModel, device: torch.device) -> RunData:
-    retain = D.scan_folder(cfg.data.retain_dir, "data.retain_dir")
-    forget = D.scan_folder(cfg.data.forget_dir, "data.forget_dir")
+def prepare_data(cfg: EngineConfig, model: models.LoadedModel, device: torch.device) -> RunData:
+    retain = engine_data.scan_folder(cfg.data.retain_dir, "data.retain_dir")
+    forget = engine_data.scan_folder(cfg.data.forget_dir, "data.forget_dir")
     channels = model.image_channels
-    retain_img = D.load_images(retain.files, channels)
-    forget_img = D.load_images(forget.files, channels)
+    retain_img = engine_data.load_images(retain.files, channels)
+    forget_img = engine_data.load_images(forget.files, channels)
     run = RunData(retain.files, forget.files, (retain_img + 1) / 2, (forget_img + 1) / 2)
     if model.kind == "ddpm":
         run.retain_x, run.forget_x = retain_img.to(device), forget_img.to(device)
@@ -139,10 +139,11 @@ def prepare_data(cfg: EngineConfig, model: M.LoadedModel, device: torch.device) 
         part.requires_grad_(False)
         part.eval()
         part.to(device) if frozen == torch.float32 else part.to(device=device, dtype=frozen)  # low precision
-    run.retain_latents = D.LatentCache(model.vae, retain_img, device, frozen)
-    run.forget_latents = D.LatentCache(model.vae, forget_img, device, frozen)
-    retain_prompts, forget_prompts = D.resolve_prompts(cfg.data, retain.files, forget.files)
-    emb, idx = D.encode_prompts(model.tokenizer, model.text_encoder, retain_prompts + forget_prompts, device, frozen)
+    run.retain_latents = engine_data.LatentCache(model.vae, retain_img, device, frozen)
+    run.forget_latents = engine_data.LatentCache(model.vae, forget_img, device, frozen)
+    retain_prompts, forget_prompts = engine_data.resolve_prompts(cfg.data, retain.files, forget.files)
+    emb, idx = engine_data.encode_prompts(model.tokenizer, model.text_encoder, retain_prompts + forget_prompts, device,
+                                          frozen)
     run.embeddings = emb
     run.retain_prompt_idx = torch.tensor(idx[:len(retain_prompts)], dtype=torch.long)
     run.forget_prompt_idx = torch.tensor(idx[len(retain_prompts):], dtype=torch.long)
@@ -150,7 +151,7 @@ def prepare_data(cfg: EngineConfig, model: M.LoadedModel, device: torch.device) 
     return run
 
 
-def make_objective(cfg: EngineConfig, model: M.LoadedModel, run: RunData):
+def make_objective(cfg: EngineConfig, model: models.LoadedModel, run: RunData):
     from siss_fast.objectives import Objective
 
     m = cfg.method
@@ -187,10 +188,10 @@ def make_lr_schedule(cfg: EngineConfig, optimizer: torch.optim.Optimizer):
 
 def make_combiner(cfg: EngineConfig, params: List[Tensor], dist: Dist):
     from siss_fast.gradients import GradientCombiner
-    from siss_fast.objectives import RULE_HINTS
+    from siss_fast.methods import get_method
 
     g = cfg.gradient
-    rule = g.rule or RULE_HINTS[cfg.method.name] or "rescale"
+    rule = g.rule or get_method(cfg.method.name).rule or "rescale"
     return GradientCombiner(params, rule, scaling_norm=g.scaling_norm, max_forget_scale=g.max_forget_scale,
                             max_grad_norm=g.max_grad_norm, mode=g.mode, lag_every=g.lag_every, eta=g.eta,
                             accumulation_steps=cfg.train.accumulation_steps, auto_steps=g.auto_steps,

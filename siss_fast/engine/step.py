@@ -18,7 +18,8 @@ One call, per process::
     optimizer.step() unless info.skipped (non-finite G: weights untouched, counted)
     lr_schedule.step()
 
-With ``method: siss``, ``gradient.partitioned: true`` the forward goes through
+With ``gradient.partitioned: true`` and a method whose record allows it (``MethodSpec.partitioned``: `siss`) the
+forward goes through
 :class:`~siss_fast.engine.partition.PartitionedForward` (the exact gradient at about one backward pass).
 """
 
@@ -31,8 +32,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import data as D
-from . import setup as S
+from siss_fast.methods import get_method
+
+from . import data as engine_data
+from . import setup as run_setup
 from .config import EngineConfig, apply_kind_defaults
 from .ema import WeightEMA
 from .partition import PartitionedForward
@@ -72,25 +75,25 @@ class UnlearnStep:
     """
 
     def __init__(self, cfg: EngineConfig, model: Any, run_data: Any, device: torch.device, *,
-                 dist: Optional[S.Dist] = None, unet: Optional[torch.nn.Module] = None):
+                 dist: Optional[run_setup.Dist] = None, unet: Optional[torch.nn.Module] = None):
         apply_kind_defaults(cfg, model.kind)  # train.batch_size / train.lr left null
         self.cfg, self.model, self.run_data, self.device = cfg, model, run_data, device
-        self.dist = dist or S.Dist()
+        self.dist = dist or run_setup.Dist()
         self.unet = (unet if unet is not None else model.unet).to(device)
         self.unet.train()
         self.unet.requires_grad_(True)
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet_fn = torch.compile(self.unet) if cfg.train.compile else self.unet
-        self.amp = S.autocast_dtype(cfg.train.mixed_precision)
-        self.objective = S.make_objective(cfg, model, run_data)
+        self.amp = run_setup.autocast_dtype(cfg.train.mixed_precision)
+        self.objective = run_setup.make_objective(cfg, model, run_data)
         self.params: List[torch.Tensor] = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = S.make_optimizer(cfg, self.params, device)
-        self.lr_schedule = S.make_lr_schedule(cfg, self.optimizer)
-        self.combiner = S.make_combiner(cfg, self.params, self.dist)
+        self.optimizer = run_setup.make_optimizer(cfg, self.params, device)
+        self.lr_schedule = run_setup.make_lr_schedule(cfg, self.optimizer)
+        self.combiner = run_setup.make_combiner(cfg, self.params, self.dist)
         acc = cfg.train.accumulation_steps
-        self.streams = [D.SampleStream(cfg.train.seed, self.dist.rank * acc + m, device) for m in range(acc)]
-        self.partitioned = cfg.gradient.partitioned and cfg.method.name == "siss"
+        self.streams = [engine_data.SampleStream(cfg.train.seed, self.dist.rank * acc + m, device) for m in range(acc)]
+        self.partitioned = cfg.gradient.partitioned and get_method(cfg.method.name).partitioned
         self.ema = WeightEMA(self.unet, float(cfg.train.ema_decay)) if cfg.train.ema_decay else None
 
     @property
