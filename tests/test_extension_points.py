@@ -118,7 +118,7 @@ def test_a_registered_metric_drives_validation(tmp_path):
                                       validation=validation))
         run(cfg)
     finally:
-        registry._REGISTRY.pop("throwaway_metric", None)  # the registry has no public removal
+        registry.unregister_metric("throwaway_metric")
     assert seen and seen[0][0] == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     checks = [r["validation"] for r in records if "validation" in r]

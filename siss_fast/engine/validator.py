@@ -21,9 +21,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..hashing import sha256_file
-from . import data as D
-from . import setup as S
-from . import validation as V
+from . import data as engine_data
+from . import setup as run_setup
+from . import validation
 from .checkpoint import CheckpointError
 from .config import EngineConfig
 from .stop_rules import StopRules
@@ -39,19 +39,19 @@ def unet_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
 class Validator:
     """Validate the UNet on fixed-seed samples; judge the stop rules; keep the candidate states on disk."""
 
-    def __init__(self, cfg: EngineConfig, model: Any, run: S.RunData, device: torch.device, out: Path):
+    def __init__(self, cfg: EngineConfig, model: Any, run: run_setup.RunData, device: torch.device, out: Path):
         v = cfg.validation
         self.cfg, self.model, self.device, self.out = cfg, model, device, Path(out)
-        ctx = V.MetricContext(run.retain_pixels, run.forget_pixels, {}, model.kind, device, model, model.unet)
-        self.metrics = V.build_metrics(v.metrics, ctx, v.metric_options)
+        ctx = validation.MetricContext(run.retain_pixels, run.forget_pixels, {}, model.kind, device, model, model.unet)
+        self.metrics = validation.build_metrics(v.metrics, ctx, v.metric_options)
         self.rules = StopRules(v.forget_metric, v.forget_target, v.quality_metric, v.quality_tolerance,
                                v.stop_on_target, v.stop_on_guard, v.min_steps, v.forget_target_ratio,
                                v.target_patience)
         self.cond = self.uncond = None
         if model.kind == "sd":
             prompt = v.prompt or run.forget_prompts[0]
-            frozen = S.autocast_dtype(cfg.train.mixed_precision) or torch.float32
-            emb, _ = D.encode_prompts(model.tokenizer, model.text_encoder, [prompt, ""], device, frozen)
+            frozen = run_setup.autocast_dtype(cfg.train.mixed_precision) or torch.float32
+            emb, _ = engine_data.encode_prompts(model.tokenizer, model.text_encoder, [prompt, ""], device, frozen)
             self.cond, self.uncond = emb[:1], emb[1:]
         self.scores_by_step: Dict[int, Dict[str, float]] = {}
         self.last_good_step: Optional[int] = None
@@ -59,16 +59,15 @@ class Validator:
 
     def __call__(self, unet: torch.nn.Module, step: int) -> Dict[str, Any]:
         v = self.cfg.validation
-        samples = V.sample_images(self.model, unet, num_samples=v.num_samples, steps=v.sampler_steps, seed=v.seed,
-                                  batch_size=v.batch_size, device=self.device,
-                                  autocast_dtype=S.autocast_dtype(self.cfg.train.mixed_precision),
-                                  encoder_hidden_states=self.cond, uncond_hidden_states=self.uncond,
-                                  guidance_scale=v.guidance_scale)
+        samples = validation.sample_images(
+            self.model, unet, num_samples=v.num_samples, steps=v.sampler_steps, seed=v.seed, batch_size=v.batch_size,
+            device=self.device, autocast_dtype=run_setup.autocast_dtype(self.cfg.train.mixed_precision),
+            encoder_hidden_states=self.cond, uncond_hidden_states=self.uncond, guidance_scale=v.guidance_scale)
         scores = self.score(samples, unet)
         self.scores_by_step[step] = scores
         if v.grids:
             (self.out / "samples").mkdir(exist_ok=True)
-            V.save_grid(samples, self.out / "samples" / f"step-{step:06d}.png")
+            validation.save_grid(samples, self.out / "samples" / f"step-{step:06d}.png")
         verdict = self.rules.update(step, scores)
         if verdict["is_best"]:
             self._save_state(unet, step, "best")

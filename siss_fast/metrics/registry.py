@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MetricContext", "DEFAULT_TOLERANCE", "register_metric", "get_metric", "list_metrics", "check_metric_name", "build_metrics"]
+__all__ = ["MetricContext", "DEFAULT_TOLERANCE", "register_metric", "unregister_metric", "get_metric", "list_metrics",
+           "check_metric_name", "build_metrics"]
 
 MetricFn = Callable[[Tensor], float]
 DEFAULT_TOLERANCE = 0.15  # quality guard tolerance of a metric registered without its own
@@ -72,6 +73,11 @@ def register_metric(name: str, *, higher_is_better: bool = False,
         return factory
 
     return wrap
+
+
+def unregister_metric(name: str) -> None:
+    """Remove ``name`` from the registry (KeyError when it is not registered)."""
+    del _REGISTRY[name]
 
 
 def list_metrics() -> List[str]:
