@@ -35,6 +35,50 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 1 if result.stop_reason == "non_finite" else 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import VerifyError, verify_run
+
+    try:
+        result = verify_run(args.run_dir, samples=args.samples, relearn_steps=args.relearn_steps,
+                            relearn_every=args.relearn_every, relearn_samples=args.relearn_samples, seed=args.seed,
+                            out=args.out, sampler_steps=args.sampler_steps, batch_size=args.batch_size,
+                            max_forget_rate=args.max_forget_rate, max_relearn_rate=args.max_relearn_rate,
+                            device=args.device, plots=not args.no_plots)
+    except VerifyError as exc:
+        print(f"siss-fast verify: {exc}", file=sys.stderr)
+        return 2
+    for failure in result.failures:
+        print(f"siss-fast verify: check failed: {failure}", file=sys.stderr)
+    return 0 if result.passed else 1
+
+
+def _add_verify(sub) -> None:
+    verify = sub.add_parser(
+        "verify", help="audit a finished run: fresh-seed forget rates, membership, relearning probe (exit 1: a "
+        "threshold failed, 2: the run cannot be audited)",
+        description="Proof of deletion for a finished pixel-DDPM run: checks final/ against the manifest, "
+        "re-measures each forget item on fresh seeds (Clopper-Pearson 95 %% intervals), its membership percentile, "
+        "and a retain-only relearning probe; writes verify.json, verify.md and a picture per item.")
+    verify.add_argument("run_dir", help="the run's output_dir (holds manifest.json and final/)")
+    verify.add_argument("--samples", type=int, default=1000, help="fresh samples per model (default 1000)")
+    verify.add_argument("--relearn-steps", type=int, default=100, help="retain-only fine-tune steps (default 100)")
+    verify.add_argument("--relearn-every", type=int, default=25, help="re-measure every N steps (default 25)")
+    verify.add_argument("--relearn-samples", type=int, default=None, help="samples per relearning point "
+                        "(default 250, at most --samples)")
+    verify.add_argument("--seed", type=int, default=None, help="base seed (default: the smallest seed disjoint "
+                        "from the run's validation seeds; a colliding one is refused)")
+    verify.add_argument("--out", default=None, help="output folder (default RUN_DIR/verify)")
+    verify.add_argument("--sampler-steps", type=int, default=None, help="DDIM steps (default: the run's validation)")
+    verify.add_argument("--batch-size", type=int, default=250, help="sampling chunk size (default 250)")
+    verify.add_argument("--max-forget-rate", type=float, default=None,
+                        help="fail (exit 1) when an item's fresh-seed rate under the final model exceeds this")
+    verify.add_argument("--max-relearn-rate", type=float, default=None,
+                        help="fail (exit 1) when an item's rate along the relearning probe exceeds this")
+    verify.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    verify.add_argument("--no-plots", action="store_true", help="write no pictures")
+    verify.set_defaults(func=_cmd_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siss-fast",
@@ -52,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("config", help="YAML run configuration (see examples/tiny-ddpm.yaml)")
     unlearn.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     unlearn.set_defaults(func=_cmd_unlearn)
+    _add_verify(sub)
     from .demo import add_demo_arguments, add_report_arguments, demo_main, report_main
 
     demo = sub.add_parser("demo", help="a real diffusion model forgets a planted image, offline, in a few minutes "

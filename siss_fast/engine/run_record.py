@@ -8,7 +8,13 @@ A run ends in this order, each piece written atomically (temp file or folder, th
 2. the closing record of ``metrics.jsonl``;
 3. ``final/`` (the kept weights as a diffusers folder);
 4. ``manifest.json`` with ``"status": "finished"``, the stop rule, its step, the kept step and the sha256 of
-   ``final/`` -- the marker of a finished run.
+   ``final/`` (of the folder, and of every file in it: ``final_model.files``) -- the marker of a finished run.
+
+The manifest also records ``manifest_format`` (:data:`MANIFEST_FORMAT`) and ``validation_seeds``
+(:func:`validation_seeds`: every ``torch.Generator`` seed the run's validation drew from), so that an audit
+(``siss-fast verify``, :mod:`siss_fast.verify`) can re-measure on seeds the stop rule never saw. Both are additions:
+a manifest without them (an earlier run of this version) is still a finished run; an auditor derives the seeds from
+its ``config`` with the same function.
 
 A finished run is never reopened by a retry: ``resume`` on it checks ``final/`` against the manifest's hash, says
 that the run is finished and changes no file (:func:`verify_final`, in ``loop.run``); a new run (no ``resume``) into its folder is
@@ -25,9 +31,13 @@ from typing import Any, Dict, Optional
 
 from .checkpoint import CheckpointError
 
-__all__ = ["FinishedRunError", "read_finished", "verify_final", "describe_finished", "refuse_new_run", "write_manifest"]
+__all__ = ["FinishedRunError", "read_finished", "verify_final", "describe_finished", "refuse_new_run", "write_manifest",
+           "final_files", "validation_seeds", "update_manifest", "MANIFEST_FORMAT", "SAMPLER_SEED_STRIDE"]
 
 FINISHED = "finished"
+MANIFEST_FORMAT = 1  # the layout of manifest.json written by this version (keys below); absent in older manifests
+SAMPLER_SEED_STRIDE = 100003  # siss_fast.metrics.sampling: chunk i of seed s draws from Generator(s * 100003 + i)
+PROBE_SEED_STRIDE = 1009  # siss_fast.metrics.forget_probe: item k of seed s draws from Generator(s * 1009 + k)
 
 
 class FinishedRunError(CheckpointError):
@@ -86,3 +96,55 @@ def write_manifest(out: Path, manifest: Dict[str, Any]) -> None:
     tmp = path.with_name(".manifest.json.tmp")
     tmp.write_text(json.dumps({**manifest, "status": FINISHED}, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def update_manifest(out: Path, changes: Dict[str, Any]) -> Dict[str, Any]:
+    """Merge ``changes`` into ``out/manifest.json`` (top-level keys; every other key is kept as it is) through a
+    temp file and one ``os.replace``; returns the new manifest. The status is not touched."""
+    path = Path(out) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    tmp = path.with_name(".manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, path)
+    return manifest
+
+
+def final_files(folder: Path) -> Dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``folder`` (sorted; ``/`` separators)."""
+    from ..hashing import sha256_file
+
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def validation_seeds(config: Dict[str, Any], n_forget: int) -> Dict[str, Any]:
+    """Every ``torch.Generator`` seed the validation of a run with this resolved ``config`` (``to_dict``, as in
+    ``config.json``) draws from, with ``n_forget`` forget items::
+
+        {"sampler": {"seed", "num_samples", "batch_size", "generator_seeds": [s * 100003 + i, i < chunks]},
+         "metrics": {name: [seeds]},          # forget_probe: s * 1009 + k; feature_fd/_kid: s, s + 1; retain_fit: s
+         "generator_seeds": sorted union}
+
+    Empty when validation is off (``every`` 0). Metrics outside siss_fast contribute nothing (their seeds are
+    unknown here)."""
+    v = config.get("validation") or {}
+    if not v.get("every"):
+        return {"sampler": None, "metrics": {}, "generator_seeds": []}
+    seed, n, batch = int(v.get("seed", 0)), int(v.get("num_samples") or 0), int(v.get("batch_size") or 1)
+    chunks = -(-n // batch)
+    sampler = {"seed": seed, "num_samples": n, "batch_size": batch,
+               "generator_seeds": [seed * SAMPLER_SEED_STRIDE + i for i in range(chunks)]}
+    options = v.get("metric_options") or {}
+    metrics: Dict[str, Any] = {}
+    for name in v.get("metrics") or []:
+        s = (options.get(name) or {}).get("seed", 0)
+        if name == "forget_probe":
+            metrics[name] = [s * PROBE_SEED_STRIDE + k for k in range(n_forget)]
+        elif name in ("feature_fd", "feature_kid"):
+            metrics[name] = [s, s + 1]
+        elif name == "retain_fit":
+            metrics[name] = [s]
+    union = set(sampler["generator_seeds"]).union(*[set(x) for x in metrics.values()])
+    return {"sampler": sampler, "metrics": metrics, "generator_seeds": sorted(union)}

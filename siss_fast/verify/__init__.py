@@ -1,0 +1,26 @@
+"""Proof of deletion: audit a finished unlearning run (``siss-fast verify RUN_DIR``; issue 15).
+
+* :mod:`.integrity` -- the run must be finished, of this version and format, with ``final/`` byte-identical to its
+  manifest (:class:`VerifyError` names the file otherwise);
+* :mod:`.seeds` -- fresh generator seeds, disjoint from every seed the run's validation used;
+* :mod:`.measure` -- per-item forget rates of fresh samples with Clopper-Pearson intervals, quality, membership;
+* :mod:`.relearn` -- the relearning probe (retain-only fine-tune of a copy; the base model as the control);
+* :mod:`.report` -- ``verify.json``, ``verify.md``, pictures, and the manifest's ``verify`` entry;
+* :mod:`.api` -- :func:`verify_run`, the library call behind the command;
+* :mod:`.stats` -- the Clopper-Pearson interval and percentiles (plain ``math``).
+
+Pixel-DDPM runs only for now (a Stable Diffusion run is refused with a :class:`VerifyError`).
+"""
+
+from .integrity import VerifyError
+from .stats import clopper_pearson
+
+__all__ = ["VerifyError", "VerifyResult", "verify_run", "clopper_pearson"]
+
+
+def __getattr__(name):  # the heavy parts (torch models, diffusers) load on first use
+    if name in ("verify_run", "VerifyResult"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(name)
