@@ -1,6 +1,7 @@
 """Trajectories of the planted experiments: every candidate stop signal and the judge at every check (issue 12).
 
     python benchmarks/planted_trajectory.py EXP --out DIR --lr LR [--budget 150] [--every 10] [--judge 400]
+                                            [--metrics NAME ...] [KEY=VALUE ...]
 
 One engine run with the stop rules switched off (``stop_on_target`` / ``stop_on_guard`` false), the experiment's base
 model and data folders, ``train.lr = LR`` and defaults otherwise. At every check the validator draws ``--judge``
@@ -8,11 +9,13 @@ DDIM-25 samples (seed 0) and records, side by side on the same model state:
 
 * the judge (``benchmarks/planted_eval.py``): ``judge_forget`` (nearest-neighbour forget rate, per item as
   ``judge_forget[k]``) and ``judge_quality`` (the digits classifier's score of the samples not assigned to an item);
+  ``judge2_quality``: the same on an independent draw (seed 1), the judge's own noise;
 * the candidate forget signals: ``forget_probe`` (targeted probe, its defaults: ``t_frac`` 0.5), ``probe60`` ...
   ``probe90`` (the same at ``t_frac`` 0.6 ... 0.9), ``forget_nn`` on the first 128 of the samples;
 * the candidate guards: ``feature_fd`` on all samples, on the first 128 (``fd128``), and on 128 samples of its own
   drawn with 10 DDIM steps (``fd128_s10``), and on samples of its own drawn as the engine's default validation draws
-  them (``fd_default``: ``VALIDATION_DEFAULTS["ddpm"]`` num_samples x sampler_steps).
+  them (``fd_default``: ``VALIDATION_DEFAULTS["ddpm"]`` num_samples x sampler_steps); ``retain_fit`` (the retain
+  set's denoising error at fixed inputs, :mod:`siss_fast.metrics.retain_fit`).
 
 Writes ``DIR/EXP/lr-LR/trajectory.json``: ``{"experiment", "lr", "checks": [{"step", <metric>: value, ...}],
 "wall_s"}``. Stop rules are then simulated offline on these records (``benchmarks/stop_calibration.py``).
@@ -40,6 +43,8 @@ import torch  # noqa: E402
 __all__ = ["register_calibration_metrics", "trajectory", "main", "PROBE_LEVELS"]
 
 PROBE_LEVELS = (60, 70, 80, 90)  # probe{pct}: forget_probe at t_frac = pct / 100
+METRICS = ["judge_forget", "judge_quality", "judge2_quality", "forget_probe", *[f"probe{p}" for p in PROBE_LEVELS],
+           "forget_nn128", "feature_fd", "fd128", "fd128_s10", "fd_default", "retain_fit"]
 
 
 def register_calibration_metrics(exp: str) -> None:
@@ -52,14 +57,16 @@ def register_calibration_metrics(exp: str) -> None:
     from planted_eval import evaluate_samples_nn
 
     names = list(EXPERIMENTS[exp].items)
-    cache: Dict[int, Dict] = {}
+    cache: Dict[str, object] = {}
 
     def judged(ctx: MetricContext, samples: torch.Tensor) -> Dict:
-        key = id(samples)
-        if key not in cache:
-            cache.clear()
-            cache[key] = evaluate_samples_nn(samples, ctx.retain_images, ctx.forget_images, load_classifier(), names)
-        return cache[key]
+        # Keyed by the tensor itself, held here: an id() key can be reused by the next check's samples once this
+        # check's tensor is freed, which returned a previous check's judgement (trajectories before this fix).
+        if cache.get("samples") is not samples:
+            cache["samples"] = samples
+            cache["result"] = evaluate_samples_nn(samples, ctx.retain_images, ctx.forget_images, load_classifier(),
+                                                  names)
+        return cache["result"]
 
     @register_metric("judge_forget", higher_is_better=False)
     def _judge_forget(ctx: MetricContext):
@@ -76,6 +83,20 @@ def register_calibration_metrics(exp: str) -> None:
     @register_metric("judge_quality", higher_is_better=True)
     def _judge_quality(ctx: MetricContext):
         return lambda samples: judged(ctx, samples)["quality"]["quality"]
+
+    @register_metric("judge2_quality", higher_is_better=True)
+    def _judge2_quality(ctx: MetricContext):
+        """The judge's quality on an independent draw (seed 1, as many samples as the judge's): the judge's own
+        noise, i.e. how well any guard could order the checks."""
+        abar, shape = ctx.model.scheduler.alphas_cumprod, tuple(ctx.retain_images.shape[1:])
+
+        def score(samples, unet=None):
+            own = ((ddim_sample(unet, abar, samples.shape[0], shape, steps=25, seed=1, batch_size=128) + 1) / 2)
+            return evaluate_samples_nn(own.clamp(0, 1), ctx.retain_images, ctx.forget_images, load_classifier(),
+                                       names)["quality"]["quality"]
+
+        score.uses_unet = True
+        return score
 
     def first(name: str, n: int):
         def factory(ctx: MetricContext):
@@ -115,8 +136,10 @@ def register_calibration_metrics(exp: str) -> None:
 
 
 def trajectory(exp: str, out: Path, lr: float, budget: int = 150, every: int = 10, judge: int = 400,
-               overrides: Sequence[str] = ()) -> Dict:
-    """Run ``exp`` at ``lr`` with the stop rules off; return and write the per-check readings (module doc)."""
+               overrides: Sequence[str] = (), metrics: Optional[Sequence[str]] = None) -> Dict:
+    """Run ``exp`` at ``lr`` with the stop rules off; return and write the per-check readings (module doc).
+    ``metrics``: a subset of :data:`METRICS` to record (default: all; ``judge_forget`` and ``judge_quality`` are
+    always recorded)."""
     import siss_fast.metrics  # noqa: F401
     from siss_fast.engine import load_config
     from siss_fast.engine.loop import run
@@ -129,8 +152,10 @@ def trajectory(exp: str, out: Path, lr: float, budget: int = 150, every: int = 1
     folders = write_experiment_folders(exp, root)
     run_dir = root / f"lr-{lr:g}" / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    metrics = ["judge_forget", "judge_quality", "forget_probe", *[f"probe{p}" for p in PROBE_LEVELS], "forget_nn128", "feature_fd", "fd128", "fd128_s10",
-               "fd_default"]
+    unknown = sorted(set(metrics or ()) - set(METRICS))
+    if unknown:
+        raise SystemExit(f"--metrics: unknown {unknown}; valid: {METRICS}")
+    metrics = ["judge_forget", "judge_quality", *[m for m in (metrics or METRICS) if not m.startswith("judge_")]]
     cfg = load_config({"model": {"path": str(model_dir(exp, out))},
                        "data": {"retain_dir": str(folders["retain"]), "forget_dir": str(folders["forget"])},
                        "train": {"steps": budget, "cpu_threads": 1, "device": "cpu", "lr": lr},
@@ -164,9 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--budget", type=int, default=150)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--judge", type=int, default=400)
+    p.add_argument("--metrics", nargs="+", help=f"record only these (default: all of {METRICS})")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
-    res = trajectory(a.exp, a.out, a.lr, a.budget, a.every, a.judge, a.overrides)
+    res = trajectory(a.exp, a.out, a.lr, a.budget, a.every, a.judge, a.overrides, a.metrics)
     for c in res["checks"]:
         print(c["step"], {k: round(v, 4) for k, v in c.items() if isinstance(v, float) and "[" not in k})
     return 0

@@ -1,19 +1,22 @@
-"""Guard fidelity on the planted trajectories: the default guard's reading against the classifier, per experiment.
+"""Guard fidelity on the planted trajectories: each guard's reading against the classifier, per experiment.
 
-    python benchmarks/trajectory_report.py DIR [DIR ...] [--dest benchmarks/results/guard-fidelity-defaults]
+    python benchmarks/trajectory_report.py DIR [DIR ...] [--dest benchmarks/results/guard-fidelity-fit]
 
-Reads ``EXP/lr-LR/trajectory.json`` (or a run's ``metrics.jsonl``) from ``benchmarks/planted_trajectory.py``: at every
-check, ``judge_quality`` (the digits classifier's score of 400 samples, seed 0: the quality the guard stands in for)
-and ``fd_default`` (``feature_fd`` on samples drawn as the engine's default validation draws them). For each run:
+Reads ``EXP/lr-LR/trajectory.json`` (or a run's ``metrics.jsonl``) from ``benchmarks/planted_trajectory.py``. At every
+check the classifier score is ``judge_quality`` (the digits classifier's score of the judge's samples, seed 0: the
+quality the guard stands in for), averaged with ``judge2_quality`` (the same on an independent draw, seed 1) when it
+was recorded. The guards (:data:`GUARDS`): ``retain_fit`` and ``fd_default`` (``feature_fd`` on samples drawn as the
+engine's default validation draws them), each with its registered default tolerance. For each run and guard:
 
-* Spearman rank correlation of ``-fd_default`` with ``judge_quality`` over the checks after step 0;
+* ``spearman``: rank correlation of the negated guard reading with the classifier score over all checks (step 0
+  included); ``judge_self_spearman``: ``judge_quality`` against ``judge2_quality`` -- how well the classifier orders
+  the same checks against itself, the ceiling of any guard's Spearman on that run;
 * ``classifier_97``: the first check whose classifier score is below 97 % of step 0's;
-* ``guard_trip``: the first check at which the guard with the default tolerance (``feature_fd``'s registered one)
-  trips, ``fd_default > (1 + tol) x fd_default(0)``;
+* ``guard_trip``: the first check at which the guard trips, ``reading > (1 + tol) x reading(0)``;
 * ``trip_vs_classifier``: ``guard_trip - classifier_97`` in checks (within one check is the issue's bar).
 
-Writes ``DEST.json`` and ``DEST.png`` (one panel per run: classifier score and guard reading against step, both
-relative to step 0, the tolerance line and the 97 % line).
+Writes ``DEST.json`` and ``DEST.png`` (one panel per run: classifier score and each guard against step, relative to
+step 0, the tolerance lines and the 97 % line).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from stop_calibration import load_runs  # noqa: E402
 
 __all__ = ["spearman", "fidelity", "main"]
 
-GUARD = "fd_default"
-JUDGE = "judge_quality"
+GUARDS = {"retain_fit": "retain_fit", "fd_default": "feature_fd"}  # recorded key -> registered metric (tolerance)
+JUDGE, JUDGE2 = "judge_quality", "judge2_quality"
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -57,24 +60,33 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def fidelity(checks: List[Dict], tolerance: float) -> Optional[Dict]:
-    """The numbers of the module doc for one run (None without the guard's readings)."""
-    rows = [c for c in checks if GUARD in c and JUDGE in c]
+def _judge(c: Dict) -> float:
+    """The classifier score of a check: the mean over both judge draws when the second one was recorded."""
+    return (c[JUDGE] + c[JUDGE2]) / 2 if JUDGE2 in c else c[JUDGE]
+
+
+def fidelity(checks: List[Dict], guard: str, tolerance: float) -> Optional[Dict]:
+    """The numbers of the module doc for one run and one guard (None without the guard's readings)."""
+    rows = [c for c in checks if guard in c and JUDGE in c]
     if len(rows) < 3 or rows[0]["step"] != 0:
         return None
-    q0, g0 = rows[0][JUDGE], rows[0][GUARD]
+    q0, g0 = _judge(rows[0]), rows[0][guard]
     later = rows[1:]
     every = later[0]["step"]
-    c97 = next((c["step"] for c in later if c[JUDGE] < 0.97 * q0), None)
-    trip = next((c["step"] for c in later if c[GUARD] > (1 + tolerance) * g0), None)
-    return {"checks": len(rows), "spearman": round(spearman([-c[GUARD] for c in later], [c[JUDGE] for c in later]), 3),
-            "classifier_97": c97, "guard_trip": trip,
-            "trip_vs_classifier": None if c97 is None or trip is None else (trip - c97) // every,
-            "steps": [c["step"] for c in rows], "quality_ratio": [round(c[JUDGE] / q0, 4) for c in rows],
-            "guard_ratio": [round(c[GUARD] / g0, 4) for c in rows]}
+    c97 = next((c["step"] for c in later if _judge(c) < 0.97 * q0), None)
+    trip = next((c["step"] for c in later if c[guard] > (1 + tolerance) * g0), None)
+    out = {"checks": len(rows), "tolerance": tolerance,
+           "spearman": round(spearman([-c[guard] for c in rows], [_judge(c) for c in rows]), 3),
+           "classifier_97": c97, "guard_trip": trip,
+           "trip_vs_classifier": None if c97 is None or trip is None else (trip - c97) // every,
+           "steps": [c["step"] for c in rows], "quality_ratio": [round(_judge(c) / q0, 4) for c in rows],
+           "guard_ratio": [round(c[guard] / g0, 4) for c in rows]}
+    if all(JUDGE2 in c for c in rows):  # the judge against itself: the ceiling of any guard's Spearman
+        out["judge_self_spearman"] = round(spearman([c[JUDGE] for c in rows], [c[JUDGE2] for c in rows]), 3)
+    return out
 
 
-def _plot(results: Dict[str, Dict], tolerance: float, path: Path) -> None:
+def _plot(results: Dict[str, Dict[str, Dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,20 +95,26 @@ def _plot(results: Dict[str, Dict], tolerance: float, path: Path) -> None:
     names = sorted(results)
     cols = 3
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.1 * rows), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows), dpi=100, squeeze=False)
     for ax, name in zip(axes.flat, names):
-        r = results[name]
-        ax.plot(r["steps"], r["quality_ratio"], "o-", label="classifier score / step 0")
-        ax.plot(r["steps"], [1 / g for g in r["guard_ratio"]], "s-", label="step 0 / feature_fd (guard)")
+        first = next(iter(results[name].values()))
+        ax.plot(first["steps"], first["quality_ratio"], "ko-", ms=3, label="classifier score / step 0")
         ax.axhline(0.97, color="grey", ls=":", lw=1)
-        ax.axhline(1 / (1 + tolerance), color="red", ls="--", lw=1)
-        ax.set_title(f"{name}  rho {r['spearman']}", fontsize=9)
+        title = []
+        for (guard, r), color in zip(results[name].items(), ("tab:red", "tab:blue", "tab:green")):
+            ax.plot(r["steps"], [1 / g for g in r["guard_ratio"]], "s-", ms=3, color=color,
+                    label=f"step 0 / {guard}")
+            ax.axhline(1 / (1 + r["tolerance"]), color=color, ls="--", lw=0.8)
+            title.append(f"{guard} rho {r['spearman']}")
+        self_rho = first.get("judge_self_spearman")
+        ax.set_title(f"{name}: " + ", ".join(title) + (f"\njudge vs itself {self_rho}" if self_rho is not None
+                                                       else ""), fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"Guard (feature_fd, tolerance {tolerance}: red) vs the digits classifier (97 %: grey)", fontsize=10)
+    fig.suptitle("Guards (dashed: their default tolerance) vs the digits classifier (dotted: 97 %)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -107,20 +125,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("dirs", type=Path, nargs="+")
     p.add_argument("--dest", type=Path, default=None)
     a = p.parse_args(argv)
-    from siss_fast.metrics.feature_guard import FD_TOLERANCE
+    from siss_fast.metrics.registry import get_metric
 
+    guards = {key: get_metric(metric).tolerance for key, metric in GUARDS.items()}
     runs: Dict[str, List[Dict]] = {}
     for folder in a.dirs:
         runs.update(load_runs(folder))
-    results = {name: r for name, checks in sorted(runs.items()) if (r := fidelity(checks, FD_TOLERANCE))}
-    for name, r in results.items():
-        print(f"{name:18s} rho {r['spearman']:6} classifier<97% at {r['classifier_97']} guard trips at "
-              f"{r['guard_trip']} ({r['trip_vs_classifier']} checks)")
+    results: Dict[str, Dict[str, Dict]] = {}
+    for name, checks in sorted(runs.items()):
+        per = {g: r for g, tol in guards.items() if (r := fidelity(checks, g, tol))}
+        if per:
+            results[name] = per
+    for name, per in results.items():
+        for g, r in per.items():
+            print(f"{name:16s} {g:11s} rho {r['spearman']:6} (judge vs itself {r.get('judge_self_spearman')}) "
+                  f"classifier<97% at {r['classifier_97']}, trips at {r['guard_trip']} "
+                  f"({r['trip_vs_classifier']} checks)")
     if a.dest:
         a.dest.parent.mkdir(parents=True, exist_ok=True)
-        a.dest.with_suffix(".json").write_text(json.dumps({"guard": GUARD, "judge": JUDGE, "tolerance": FD_TOLERANCE,
+        a.dest.with_suffix(".json").write_text(json.dumps({"guards": guards, "judge": [JUDGE, JUDGE2],
                                                            "runs": results}, indent=1) + "\n")
-        _plot(results, FD_TOLERANCE, a.dest.with_suffix(".png"))
+        _plot(results, a.dest.with_suffix(".png"))
     return 0
 
 

@@ -4,7 +4,7 @@
 
 The engine gets only a model folder, the two image folders and a 200-step budget: batch, learning rate and weight
 average (the pixel-DDPM defaults of ``siss_fast/engine/defaults.py``), the gradient rule, the stop signal (the
-targeted ``forget_probe`` per forget item, the ``feature_fd`` guard in the base UNet's features -- no classifier) and
+targeted ``forget_probe`` per forget item, the ``retain_fit`` guard: the retain set's denoising error -- no classifier) and
 the stop rules are all defaults. Then the demo's own metrics (forget rate on 1,000 samples within L2 4.5 of the
 T-shirt, classifier quality) measure the base model and the engine's final model. Prints one JSON line, with the
 share of the run's time its validation took (from the manifest).

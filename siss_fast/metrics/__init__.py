@@ -37,4 +37,4 @@ __all__ = [
 
 
 # the validation metrics register themselves (siss_fast.metrics.registry) on import
-from . import distances, engine_metrics, feature_guard, forget_probe, forget_signal  # noqa: E402,F401
+from . import distances, engine_metrics, feature_guard, forget_probe, forget_signal, retain_fit  # noqa: E402,F401

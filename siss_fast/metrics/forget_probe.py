@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .forget_signal import item_radii, nearest_item
-from .registry import MetricContext, register_metric
+from .registry import MetricContext, check_int, merge_options, register_metric
 from .sampling import ddim_sample
 
 __all__ = ["probe_return_rates", "calibrate_levels", "PROBE_DEFAULTS", "AUTO_GRID"]
@@ -54,10 +54,7 @@ AUTO_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # t_frac candidates of ``t_frac
 
 def _options(opts: Dict[str, Any]) -> Dict[str, Any]:
     key = "validation.metric_options.forget_probe"
-    unknown = sorted(set(opts) - set(PROBE_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{key}.{unknown[0]}: unknown option; valid: {sorted(PROBE_DEFAULTS)}")
-    out = {**PROBE_DEFAULTS, **opts}
+    out = merge_options("forget_probe", opts, PROBE_DEFAULTS)
     t = out["t_frac"]
     if t != "auto" and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1):
         raise ValueError(f"{key}.t_frac: expected 'auto' or a number in (0, 1], got {t!r}")
@@ -65,8 +62,7 @@ def _options(opts: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level <= 1:
         raise ValueError(f"{key}.auto_level: expected a number in (0, 1], got {level!r}")
     for name in ("probes", "steps"):
-        if isinstance(out[name], bool) or not isinstance(out[name], int) or out[name] < 1:
-            raise ValueError(f"{key}.{name}: expected an integer >= 1, got {out[name]!r}")
+        check_int("forget_probe", name, out[name], 1)
     if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
         raise ValueError(f"{key}.seed: expected an integer, got {out['seed']!r}")
     return out

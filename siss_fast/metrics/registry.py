@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["MetricContext", "DEFAULT_TOLERANCE", "register_metric", "unregister_metric", "get_metric", "list_metrics",
-           "check_metric_name", "build_metrics"]
+           "check_metric_name", "build_metrics", "merge_options", "check_int"]
 
 MetricFn = Callable[[Tensor], float]
 DEFAULT_TOLERANCE = 0.15  # quality guard tolerance of a metric registered without its own
@@ -73,6 +73,24 @@ def register_metric(name: str, *, higher_is_better: bool = False,
         return factory
 
     return wrap
+
+
+def merge_options(metric: str, options: Dict[str, Any], defaults: Dict[str, Any],
+                  extra: Sequence[str] = ()) -> Dict[str, Any]:
+    """``options`` over ``defaults``; ValueError ``validation.metric_options.METRIC.KEY: unknown option`` for a key
+    in neither ``defaults`` nor ``extra``."""
+    known = set(defaults) | set(extra)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"validation.metric_options.{metric}.{unknown[0]}: unknown option; valid: {sorted(known)}")
+    return {**defaults, **options}
+
+
+def check_int(metric: str, key: str, value: Any, low: int) -> int:
+    """``value`` if it is an integer ``>= low`` (not a bool), else ValueError naming ``metric.key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"validation.metric_options.{metric}.{key}: expected an integer >= {low}, got {value!r}")
+    return value
 
 
 def unregister_metric(name: str) -> None:
