@@ -2,7 +2,7 @@
 
 A checkpoint folder holds
 
-* ``unet.safetensors``: the trained weights (fp32 master copy);
+* ``unet.safetensors``: the trained weights (fp32 master copy; with ``train.lora_rank`` > 0 the adapter alone);
 * ``trainer.pt``: optimizer, LR schedule, ``GradientCombiner.state_dict()``, the loop's own state (step counter,
   skip counter, validation/best-model bookkeeping) -- tensors and plain Python only, read with
   ``torch.load(weights_only=True)``;

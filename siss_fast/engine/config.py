@@ -10,7 +10,8 @@ A config file is a YAML mapping with the sections below (every key optional exce
                  mode: exact, partitioned: true, lag_every: 10, eta: 0.1, max_consecutive_skips: 10}
     train:      {steps: 100, batch_size: null, accumulation_steps: 1, lr: null, weight_decay: 0.01, betas: [0.9, 0.999],
                  eps: 1e-8, lr_schedule: constant, warmup_steps: 0, mixed_precision: "no", gradient_checkpointing: false,
-                 compile: false, seed: 0, device: auto, cpu_threads: null, deterministic: false}
+                 compile: false, seed: 0, device: auto, cpu_threads: null, deterministic: false,
+                 lora_rank: 0 (0: the full UNet), lora_alpha: null (= rank), lora_targets: attention}
     checkpoint: {every: 0, keep_last: 2, resume: null | latest | DIR}
     validation: {every: null, num_samples: null, sampler_steps: null (null: the model kind's default,
                  engine/defaults.py), seed: 0, ... stop rules, see ValidationConfig}
@@ -38,6 +39,7 @@ from siss_fast.gradient_rules import RULES
 from siss_fast.methods import check_method_params
 
 from .config_types import build_dataclass, merge_mappings
+from . import lora
 from .defaults import KIND_DEFAULTS, VALIDATION_DEFAULTS, apply_kind_defaults, resolve_validation
 from .errors import ConfigError
 
@@ -126,6 +128,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cpu_threads: Optional[int] = None  # torch.set_num_threads for the run (null: torch's default)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run (see engine.loop)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of the full UNet (engine/lora.py)
+    lora_alpha: Optional[float] = None  # LoRA scale alpha / rank; null: = lora_rank
+    lora_targets: str = "attention"  # attention | attention+conv
 
 
 @dataclass
@@ -358,6 +363,7 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
              f"expected null or an integer >= 1, got {t.cpu_threads}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
              f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+    lora.check_config(t)
 
     # checkpoint
     c = cfg.checkpoint
@@ -420,6 +426,8 @@ def validate(cfg: EngineConfig, *, check_files: bool = True) -> None:
         raise ConfigError(f"model.path: {exc}") from None
     if cfg.model.build is None:
         _check_resolved(v, info.kind)
+    if t.lora_rank > 0:
+        lora.check_rank(cfg.model, t)
     if m.t_range is not None:
         _require(m.t_range[1] < info.num_timesteps, "method.t_range",
                  f"expected t_max < {info.num_timesteps} (the scheduler's timesteps), got {m.t_range}")

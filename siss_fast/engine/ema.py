@@ -23,6 +23,10 @@ reached 10 % of the base model's (``engine/defaults.py``).
 ``ema <- decay * ema + (1 - decay) * w`` after every optimizer step (skipped steps included: the weights did not
 move), fp32, for every floating-point parameter and buffer (integer buffers are copied); the average starts at the
 base model. Memory: one more copy of the UNet's weights.
+
+With LoRA adapters (``train.lora_rank`` > 0, :mod:`.lora`) the frozen base weights never move: the average's module
+shares them with the trained UNet (no copy) and averages the adapter tensors only, and :meth:`WeightEMA.state_dict`
+(what checkpoints hold) is those tensors alone.
 """
 
 from __future__ import annotations
@@ -42,14 +46,22 @@ class WeightEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay: expected a number in (0, 1), got {decay}")
         self.decay = float(decay)
-        self.module = copy.deepcopy(getattr(unet, "_orig_mod", unet)).eval().requires_grad_(False)
+        unet = getattr(unet, "_orig_mod", unet)
+        frozen = {id(p): p for p in unet.parameters() if not p.requires_grad}  # shared, not copied
+        # names: None = the whole state_dict; else the trainable parameters' (adapter) names alone
+        self.names = None if not frozen else {n for n, p in unet.named_parameters() if p.requires_grad}
+        self.module = copy.deepcopy(unet, memo=dict(frozen)).eval().requires_grad_(False)
+
+    def _tracked(self) -> Dict[str, torch.Tensor]:
+        state = self.module.state_dict()
+        return state if self.names is None else {k: v for k, v in state.items() if k in self.names}
 
     @torch.no_grad()
     def update(self, unet: torch.nn.Module) -> None:
         """Move the average towards ``unet``'s current weights (same architecture)."""
         source = getattr(unet, "_orig_mod", unet).state_dict()
         averaged, current = [], []
-        for name, value in self.module.state_dict().items():
+        for name, value in self._tracked().items():
             if value.is_floating_point():
                 averaged.append(value)
                 current.append(source[name].to(value.dtype))
@@ -59,7 +71,14 @@ class WeightEMA:
             torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        """The averaged tensors (CPU copies): the whole UNet's, or the adapter's alone."""
+        return {k: v.detach().cpu().clone() for k, v in self._tracked().items()}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        if self.names is None:
+            self.module.load_state_dict(state)
+            return
+        if set(state) != self.names:
+            raise ValueError("train.ema_decay: the saved average is not this run's adapter (train.lora_rank / "
+                             f"lora_targets differ?): {len(state)} tensors, expected {len(self.names)}")
+        self.module.load_state_dict(state, strict=False)

@@ -43,6 +43,7 @@ import torch
 
 from . import checkpoint
 from . import data as engine_data
+from . import lora
 from . import models
 from . import setup as run_setup
 from . import run_record
@@ -205,13 +206,16 @@ def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
         resume_from = Path(cfg.checkpoint.resume)
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, dist.rank)
-        unet.load_state_dict(state["unet"])
         trainer = state["trainer"]
+        try:
+            lora.load_trainable_state(unet, state["unet"])  # the full UNet, or the adapter alone
+            if step_fn.ema is not None:
+                step_fn.ema.load_state_dict(trainer["ema"])
+        except (ValueError, RuntimeError) as exc:
+            raise checkpoint.CheckpointError(f"checkpoint {str(resume_from)!r} does not fit this run: {exc}") from None
         optimizer.load_state_dict(trainer["optimizer"])
         lr_schedule.load_state_dict(trainer["lr_schedule"])
         combiner.load_state_dict(trainer["combiner"])
-        if step_fn.ema is not None:
-            step_fn.ema.load_state_dict(trainer["ema"])
         start, consecutive_skips = int(trainer["step"]), int(trainer["consecutive_skips"])
         stop = trainer.get("stop")
         if validator is not None and trainer.get("validation") is not None:
@@ -235,8 +239,8 @@ def _run(cfg: EngineConfig, stop_after: Optional[int]) -> RunResult:
                              "combiner": combiner.state_dict(), "step": step, "consecutive_skips": consecutive_skips,
                              "stop": stop, "validation": None if validator is None else validator.state_dict(),
                              "ema": None if step_fn.ema is None else step_fn.ema.state_dict()}
-            checkpoint.save_checkpoint(ckpt_root, step, unet.state_dict(), trainer_state, rng_states,
-                               cfg.checkpoint.keep_last)
+            weights = lora.trainable_state(unet, copy=False)  # with adapters: the adapter alone
+            checkpoint.save_checkpoint(ckpt_root, step, weights, trainer_state, rng_states, cfg.checkpoint.keep_last)
         dist.barrier()
 
     def validate(step: int) -> Optional[str]:
@@ -358,6 +362,12 @@ def _write_outputs(cfg: EngineConfig, out: Path, dist: run_setup.Dist, model: mo
         else:
             kept_step = kept
         log.write({"step": step, "stop_reason": reason, "final_from": final_from})
+        adapter = None
+        if lora.is_adapted(unet):  # final_adapter/ holds the kept adapter, final/ the base with it merged
+            lora.load_trainable_state(unet, final_state)
+            adapter = out / "final_adapter"
+            lora.save_adapter(unet, cfg.train, adapter)
+            final_state = lora.merged_state(unet)
         models.save_final(model, final_state, final_dir)
         manifest = {
             "method": cfg.method.name,
@@ -370,6 +380,9 @@ def _write_outputs(cfg: EngineConfig, out: Path, dist: run_setup.Dist, model: mo
             "steps_done": step,
             "final_model": {"path": str(final_dir), "from": final_from, "sha256": models.hash_model_folder(final_dir),
                             "files": run_record.final_files(final_dir)},
+            "final_adapter": None if adapter is None else {
+                "path": str(adapter), "sha256": models.hash_model_folder(adapter),
+                "files": run_record.final_files(adapter)},
             "manifest_format": run_record.MANIFEST_FORMAT,
             "validation_seeds": run_record.validation_seeds(to_dict(cfg), len(run_data.forget_files)),
             "metrics_before": validator.scores_by_step.get(0) if validator else None,

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 __all__ = ["ModelError", "ModelInfo", "LoadedModel", "peek_model", "load_model", "build_tiny", "save_final",
-           "PICKLE_SUFFIXES"]
+           "unet_skeleton", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -248,12 +248,7 @@ def build_tiny(name: str, folder: Path, *, channels: int = 3, image_size: int = 
     if name == "tiny-sd":  # latents are not images in [-1, 1]: never clip them (Stable Diffusion's own setting)
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     if name == "tiny-ddpm":
-        from diffusers import UNet2DModel
-
-        unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=1,
-                           block_out_channels=(16, 32), norm_num_groups=8,
-                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                           up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+        unet = _tiny_unet(name, channels, image_size)
         unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
         scheduler.save_pretrained(str(folder / "scheduler"))
         (folder / "model_index.json").write_text(json.dumps({
@@ -262,7 +257,7 @@ def build_tiny(name: str, folder: Path, *, channels: int = 3, image_size: int = 
         return folder
     if name != "tiny-sd":
         raise ModelError(f"model.build: expected tiny-ddpm or tiny-sd, got {name!r}")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
     write_tiny_tokenizer(folder / "tokenizer")
@@ -275,15 +270,46 @@ def build_tiny(name: str, folder: Path, *, channels: int = 3, image_size: int = 
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=image_size)
     vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
-    unet = UNet2DConditionModel(sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
-                                attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet = _tiny_unet(name, channels, image_size)
     unet.save_pretrained(str(folder / "unet"), safe_serialization=True)
     scheduler.save_pretrained(str(folder / "scheduler"))
     (folder / "model_index.json").write_text(json.dumps(_sd_index(), indent=2))
     return folder
+
+
+def _tiny_unet(name: str, channels: int, image_size: int) -> Any:
+    """The tiny UNet of ``build_tiny`` (random weights, on torch's current default device)."""
+    if name == "tiny-ddpm":
+        from diffusers import UNet2DModel
+
+        return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                           block_out_channels=(16, 32), norm_num_groups=8,
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+                                attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def unet_skeleton(model_cfg: Any) -> torch.nn.Module:
+    """The configured UNet built from its config alone on the meta device (shapes, no weights, no memory): for
+    config checks that depend on layer sizes (``train.lora_rank``). Raises :class:`ModelError`."""
+    with torch.device("meta"):
+        if model_cfg.build is not None:
+            return _tiny_unet(model_cfg.build, model_cfg.channels, model_cfg.image_size)
+        path = Path(model_cfg.path)
+        unet_dir = path if _layout(path) == "unet" else path / "unet"
+        config = _read_json(unet_dir / "config.json")
+        import diffusers
+
+        cls = getattr(diffusers, str(config.get("_class_name", "UNet2DModel")), None)
+        if cls is None:
+            raise ModelError(f"{str(unet_dir / 'config.json')!r}: unknown UNet class {config.get('_class_name')!r}")
+        return cls.from_config(config)
 
 
 def _sd_index() -> Dict[str, Any]:

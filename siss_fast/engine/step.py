@@ -35,6 +35,7 @@ import torch
 from siss_fast.methods import get_method
 
 from . import data as engine_data
+from . import lora
 from . import setup as run_setup
 from .config import EngineConfig, apply_kind_defaults
 from .ema import WeightEMA
@@ -64,7 +65,8 @@ def _scaled(term: Optional[Any], acc: int) -> Optional[Any]:
 
 class UnlearnStep:
     """The engine's optimizer step for ``cfg`` on ``unet`` (default ``model.unet``, moved to ``device``, put in
-    train mode with every parameter trainable).
+    train mode with every parameter trainable; with ``train.lora_rank`` > 0 only the LoRA adapters injected into it,
+    :mod:`.lora`).
 
     ``train.batch_size`` / ``train.lr`` left null get the model kind's defaults (written into ``cfg``). Builds what
     ``cfg`` asks for: gradient checkpointing, ``torch.compile``, autocast (``train.mixed_precision``),
@@ -79,9 +81,13 @@ class UnlearnStep:
         apply_kind_defaults(cfg, model.kind)  # train.batch_size / train.lr left null
         self.cfg, self.model, self.run_data, self.device = cfg, model, run_data, device
         self.dist = dist or run_setup.Dist()
-        self.unet = (unet if unet is not None else model.unet).to(device)
+        self.unet = unet if unet is not None else model.unet
+        if cfg.train.lora_rank:  # adapters only (engine/lora.py): the base weights are frozen
+            lora.attach(self.unet, cfg.train)
+        else:
+            self.unet.requires_grad_(True)
+        self.unet = self.unet.to(device)
         self.unet.train()
-        self.unet.requires_grad_(True)
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet_fn = torch.compile(self.unet) if cfg.train.compile else self.unet

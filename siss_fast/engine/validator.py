@@ -22,6 +22,7 @@ import torch
 
 from ..hashing import sha256_file
 from . import data as engine_data
+from . import lora
 from . import setup as run_setup
 from . import validation
 from .checkpoint import CheckpointError
@@ -32,8 +33,9 @@ __all__ = ["Validator", "unet_state"]
 
 
 def unet_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """A detached CPU copy of the UNet's weights."""
-    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+    """A detached CPU copy of the UNet's trained weights: all of them, or with LoRA adapters (:mod:`.lora`) the
+    adapter tensors alone (kept states are then small; the final write merges them)."""
+    return lora.trainable_state(unet)
 
 
 class Validator:

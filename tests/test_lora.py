@@ -1,0 +1,171 @@
+"""LoRA adapters (``train.lora_rank``): adapter-only gradients, merged final model, exact resume, config errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_helpers import DATA, base_config, tiny_model  # noqa: E402
+
+from siss_fast.engine import ConfigError, load_config  # noqa: E402
+from siss_fast.engine.loop import run  # noqa: E402
+
+peft = pytest.importorskip("peft")
+
+
+def _config(kind, out, train=None, **sections):
+    cfg = base_config(tiny_model(kind), out, train={"lora_rank": 4, **(train or {})}, **sections)
+    if kind == "sd":
+        cfg["data"]["captions"] = str(DATA / "captions.tsv")
+    return cfg
+
+
+def _final_unet(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("kind, targets", [("ddpm", "attention+conv"), ("sd", "attention")])
+def test_only_adapters_train_and_base_weights_stay_bit_unchanged(kind, targets):
+    from siss_fast.engine import models
+    from siss_fast.engine.setup import Dist, prepare_data
+    from siss_fast.engine.step import UnlearnStep
+
+    cfg = load_config(_config(kind, "/tmp/unused", train={"lora_targets": targets, "ema_decay": 0.9}))
+    model = models.load_model(str(tiny_model(kind)))
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    step = UnlearnStep(cfg, model, prepare_data(cfg, model, torch.device("cpu")), torch.device("cpu"), dist=Dist())
+    names = {id(p): n for n, p in step.unet.named_parameters()}
+    held = [names[id(p)] for group in step.optimizer.param_groups for p in group["params"]]
+    assert held and all(".lora_A." in n or ".lora_B." in n for n in held)
+    assert {names[id(p)] for p in step.params} == set(held)
+    assert all(not p.requires_grad for n, p in step.unet.named_parameters() if n not in held)
+    if targets == "attention+conv":
+        assert any(".conv1.lora_A." in n for n in held)
+    for _ in range(2):
+        result = step()
+        assert not result.info.skipped
+    after = step.unet.state_dict()
+    for key, value in base.items():  # the adapted layers keep their weight under ``base_layer``
+        current = after.get(key, after.get(key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]))
+        assert torch.equal(current, value), key
+    assert any(after[n].abs().sum() > 0 for n in held if ".lora_B." in n)  # the adapter did move
+    ema_state = step.ema.state_dict()  # the average holds the adapter alone and shares the base weights
+    assert set(ema_state) == set(held)
+    assert all(a is b for (n, a), b in zip(step.ema.module.named_parameters(), step.unet.parameters())
+               if n not in held)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "sd"])
+def test_final_model_is_base_plus_adapter_merged(tmp_path, kind):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    run(load_config(_config(kind, out, train={"steps": 3, "lr": 1e-2})))
+    manifest = json.loads((out / "manifest.json").read_text())
+    adapter = out / "final_adapter"
+    assert manifest["final_adapter"]["path"] == str(adapter) and len(manifest["final_adapter"]["sha256"]) == 64
+    assert set(manifest["final_adapter"]["files"]) >= {"adapter_config.json", "adapter_model.safetensors"}
+    cls = UNet2DModel if kind == "ddpm" else UNet2DConditionModel
+    # final/ is a plain diffusers folder
+    merged = cls.from_pretrained(str(out / "final"), subfolder="unet", local_files_only=True, use_safetensors=True)
+    base = cls.from_pretrained(str(tiny_model(kind)), subfolder="unet", local_files_only=True, use_safetensors=True)
+    expected = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    got, want = merged.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+    untouched = cls.from_pretrained(str(tiny_model(kind)), subfolder="unet", local_files_only=True,
+                                    use_safetensors=True).state_dict()  # (peft merged into ``base`` in place)
+    changed = [k for k in got if not torch.equal(got[k], untouched[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)
+    # and the merged model computes what base + adapter computes
+    torch.manual_seed(0)
+    x, t = torch.randn(2, merged.config.in_channels, 8, 8), torch.tensor([10, 500])
+    cond = {} if kind == "ddpm" else {"encoder_hidden_states": torch.randn(2, 4, 32)}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, **cond).sample, expected(x, t, **cond).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("ddpm", {"method": {"name": "siss"}, "train": {"accumulation_steps": 2, "ema_decay": 0.9}}),
+    ("sd", {"gradient": {"mode": "lagged", "lag_every": 2}}),
+])
+def test_resume_with_adapters_is_bit_identical(tmp_path, kind, extra):
+    def cfg(out, **more):
+        sections = {"train": {"steps": 4}, "checkpoint": {"every": 2}}
+        for part in (extra, more):
+            for key, value in part.items():
+                sections[key] = {**sections.get(key, {}), **value}
+        train = sections.pop("train")
+        return load_config(_config(kind, out, train=train, **sections))
+
+    run(cfg(tmp_path / "full"))
+    stopped = run(cfg(tmp_path / "split"), stop_after=2)
+    assert stopped.stop_reason == "interrupted"
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(tmp_path / "split" / "checkpoints" / "step-000002" / "unet.safetensors"))
+    assert ckpt and all(".lora_" in k for k in ckpt)  # checkpoints hold the adapter alone
+    run(cfg(tmp_path / "split", checkpoint={"resume": "latest"}))
+    a, b = _final_unet(tmp_path / "full"), _final_unet(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fa, fb = (load_file(str(tmp_path / d / "final_adapter" / "adapter_model.safetensors")) for d in ("full", "split"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_kept_validation_states_hold_the_adapter_only(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "v"
+    validation = {"every": 2, "num_samples": 4, "sampler_steps": 2, "batch_size": 4, "metrics": ["forget_nn"],
+                  "forget_metric": "forget_nn", "forget_target": 0.0, "quality_metric": None}
+    run(load_config(_config("ddpm", out, train={"steps": 2}, validation=validation)))
+    kept = load_file(str(out / "last_good.safetensors"))
+    assert kept and all(".lora_" in k for k in kept)
+    assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("train, key, words", [
+    ({"lora_rank": -1}, "train.lora_rank", ">= 0"),
+    ({"lora_rank": 33}, "train.lora_rank", "smallest targeted layer"),  # tiny-ddpm's attention is 32 wide
+    ({"lora_targets": "mlp"}, "train.lora_targets", "attention+conv"),
+    ({"lora_alpha": 0}, "train.lora_alpha", "> 0"),
+])
+@pytest.mark.parametrize("source", ["path", "build"])
+def test_config_errors_name_the_key_before_any_model_loads(tmp_path, monkeypatch, train, key, words, source):
+    from siss_fast.engine import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded or built")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(models, "build_tiny", refuse)
+    cfg = _config("ddpm", tmp_path / "a", train=train)
+    if source == "build":
+        cfg["model"] = {"build": "tiny-ddpm"}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_config(cfg)
+    assert words in str(err.value)
+
+
+def test_rank_check_uses_the_targeted_layers(tmp_path):
+    # tiny-sd: attention layers 32..64 wide (cross-attention keys come from 32-wide text states)
+    load_config(_config("sd", tmp_path / "ok", train={"lora_rank": 32}))
+    with pytest.raises(ConfigError, match=r"train\.lora_rank: 33"):
+        load_config(_config("sd", tmp_path / "big", train={"lora_rank": 33}))
+    # attention+conv on the ddpm: its first block's convs are 16 wide
+    with pytest.raises(ConfigError, match=r"train\.lora_rank: 17 .*16"):
+        load_config(_config("ddpm", tmp_path / "c", train={"lora_rank": 17, "lora_targets": "attention+conv"}))
+
+
+def test_missing_peft_fails_at_config_time(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(ConfigError, match=r"train\.lora_rank: .*pip install peft"):
+        load_config(_config("ddpm", tmp_path / "p"))
+    load_config(_config("ddpm", tmp_path / "q", train={"lora_rank": 0}))  # the full UNet needs no peft
