@@ -43,7 +43,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                             relearn_every=args.relearn_every, relearn_samples=args.relearn_samples, seed=args.seed,
                             out=args.out, sampler_steps=args.sampler_steps, batch_size=args.batch_size,
                             max_forget_rate=args.max_forget_rate, max_relearn_rate=args.max_relearn_rate,
-                            device=args.device, plots=not args.no_plots)
+                            device=args.device, plots=not args.no_plots, control=args.control)
     except VerifyError as exc:
         print(f"siss-fast verify: {exc}", file=sys.stderr)
         return 2
@@ -76,6 +76,8 @@ def _add_verify(sub) -> None:
                         help="fail (exit 1) when an item's rate along the relearning probe exceeds this")
     verify.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     verify.add_argument("--no-plots", action="store_true", help="write no pictures")
+    verify.add_argument("--control", default=None, metavar="MODEL_DIR",
+                        help="a model retrained without the forget items: its relearning curve as a second control")
     verify.set_defaults(func=_cmd_verify)
 
 

@@ -180,3 +180,20 @@ def test_an_interrupted_run_is_refused(tmp_path, capsys):
     unlearn(base_config(tiny_model("ddpm"), out, train={"steps": 3}, checkpoint={"every": 1}), stop_after=1)
     assert (out / "checkpoints").is_dir() and not (out / "manifest.json").exists()
     _expect(capsys, out, str(out / "manifest.json") + " is missing: the run has not finished")
+
+
+def test_a_retrained_control_gets_its_own_relearning_curve(run_dir, tmp_path, capsys):
+    """``--control MODEL_DIR`` (a model that never saw the items) is fine-tuned beside the final and base models;
+    a folder that is not a model of the run's shape is refused."""
+    control = tiny_model("ddpm")  # stands in for a retrained model: same architecture and image shape
+    out = tmp_path / "audit"
+    assert cli_main(["verify", str(run_dir), *SMALL, "--out", str(out), "--control", str(control)]) == 0
+    report = json.loads((out / "verify.json").read_text())
+    curves = report["relearn"]
+    assert len(curves["control"]) == len(curves["final"]) == 3  # steps 0, 1, 2
+    assert len(report["relearn"]["control_model"]["sha256"]) == 64
+    assert all("control_returned_at_step" in it for it in report["items"])
+    assert "retrained without the items (control)" in (out / "verify.md").read_text()
+    with pytest.raises(VerifyError, match="--control"):
+        verify_run(run_dir, samples=4, relearn_steps=0, plots=False, out=tmp_path / "x", control=tmp_path / "nope",
+                   log=lambda *_: None)

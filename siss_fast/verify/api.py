@@ -42,6 +42,26 @@ class VerifyResult:
     report: Dict[str, Any] = field(default_factory=dict)
 
 
+def _folder_hash(path: Any) -> str:
+    from ..engine.models import hash_model_folder
+
+    return hash_model_folder(Path(path))
+
+
+def _load_control(path: Any, final: Any, device: torch.device) -> Any:
+    """The control model folder, checked to be a pixel DDPM of the final model's sample shape."""
+    from ..engine.models import load_model
+
+    if not Path(path).is_dir():
+        raise VerifyError(f"--control {str(path)!r}: not a model folder")
+    m = load_model(str(path))
+    if m.kind != "ddpm" or m.unet.config.sample_size != final.unet.config.sample_size or \
+            m.image_channels != final.image_channels:
+        raise VerifyError(f"--control {str(path)!r}: expected a pixel DDPM with the run's image shape")
+    m.unet.to(device).eval().requires_grad_(False)
+    return m
+
+
 def _load(run: RunUnderAudit, device: torch.device):
     from ..engine import data as engine_data
     from ..engine.models import load_model
@@ -64,9 +84,11 @@ def verify_run(run_dir: Any, *, samples: int = 1000, relearn_steps: int = 100, r
                sampler_steps: Optional[int] = None, batch_size: int = 250, relearn_lr: Optional[float] = None,
                relearn_batch: int = 64, max_forget_rate: Optional[float] = None,
                max_relearn_rate: Optional[float] = None, device: str = "auto", plots: bool = True,
-               log: Any = print) -> VerifyResult:
+               control: Any = None, log: Any = print) -> VerifyResult:
     """Audit the finished run in ``run_dir`` (module doc). Raises :class:`VerifyError` when it cannot be audited;
-    returns the result (``passed`` False when a threshold check failed)."""
+    returns the result (``passed`` False when a threshold check failed). ``control``: a model folder that never saw
+    the forget items (retrained from scratch without them: exact unlearning); its relearning curve is drawn and
+    reported beside the final model's and the base model's (``relearn["control"]``)."""
     from ..engine.defaults import KIND_DEFAULTS
     from ..metrics.forget_signal import item_radii
 
@@ -133,12 +155,15 @@ def verify_run(run_dir: Any, *, samples: int = 1000, relearn_steps: int = 100, r
         c = measure.item_counts(x, forget, retain, radii)
         return {"counts": c, "rates": [v / n_re for v in c]}
 
+    models = [("final", final), ("base", base)]
+    if control is not None:
+        models.append(("control", _load_control(control, final, dev)))
     curves = {name: relearn.relearn_curve(m.unet, abar, retain, probe, steps=relearn_steps, every=relearn_every,
                                           lr=lr, batch_size=relearn_batch, seed=own["relearn"][0],
                                           betas=tuple(train.get("betas") or (0.9, 0.999)),
                                           adam_eps=float(train.get("eps") or 1e-8),
                                           weight_decay=float(train.get("weight_decay") or 0.0), device=dev)
-              for name, m in (("final", final), ("base", base))}
+              for name, m in models}
     items = []
     for k, f in enumerate(run.forget_files):
         level = 0.5 * rates["base"][k]["rate"]
@@ -147,6 +172,9 @@ def verify_run(run_dir: Any, *, samples: int = 1000, relearn_steps: int = 100, r
                       "relearn_peak_rate": peak, "relearn_end_rate": curves["final"][-1]["rates"][k],
                       "returned_at_step": relearn.returned_at(curves["final"], k, level),
                       "base_control_returned_at_step": relearn.returned_at(curves["base"], k, level),
+                      **({"control_peak_rate": max(p["rates"][k] for p in curves["control"]),
+                          "control_returned_at_step": relearn.returned_at(curves["control"], k, level)}
+                         if "control" in curves else {}),
                       "return_level": level})
     timings["relearn_s"] = time.perf_counter() - t0
 
@@ -170,7 +198,9 @@ def verify_run(run_dir: Any, *, samples: int = 1000, relearn_steps: int = 100, r
                      "relearn_lr": lr, "relearn_batch": relearn_batch, "device": str(dev),
                      "max_forget_rate": max_forget_rate, "max_relearn_rate": max_relearn_rate},
         "items": items, "quality": quality, "membership": membership,
-        "relearn": {"final": curves["final"], "base_control": curves["base"]},
+        "relearn": {"final": curves["final"], "base_control": curves["base"],
+                    **({"control": curves["control"], "control_model": {
+                        "path": str(control), "sha256": _folder_hash(control)}} if control else {})},
         "checks": {"passed": not failures, "failures": failures}, "timings_s": timings,
     }
     pictures = {"base": drawn["base"], "final": drawn["final"], "forget": forget}

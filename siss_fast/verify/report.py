@@ -71,14 +71,18 @@ def markdown(data: Dict[str, Any], pictures: List[str], plot_note: str) -> str:
     steps = [p["step"] for p in curves["final"]]
     lines += ["", f"## Relearning probe ({st['relearn_steps']} steps on retain data only, AdamW lr "
               f"{st['relearn_lr']:g}, batch {st['relearn_batch']}; {st['relearn_samples']} fresh samples per point)",
-              "", "Forget rate along the fine-tune of the final model, and of the base model as the control. An "
-              "item comes back when its rate reaches half its base-model rate.", "",
+              "", "Forget rate along the fine-tune of the final model, and of the base model as the control (and of "
+              "a model retrained without the items, when given: exact unlearning). An item comes back when its rate "
+              "reaches half its base-model rate.", "",
               "| item | model | " + " | ".join(f"step {s}" for s in steps) + " | reaches 1/2 base rate |",
               "|---|---|" + "---|" * (len(steps) + 1)]
     for it in data["items"]:
         k = it["item"]
-        for name, key, back in (("final", "final", "returned_at_step"), ("base (control)", "base_control",
-                                                                        "base_control_returned_at_step")):
+        rows = [("final", "final", "returned_at_step"), ("base (control)", "base_control",
+                                                          "base_control_returned_at_step")]
+        if "control" in curves:
+            rows.append(("retrained without the items (control)", "control", "control_returned_at_step"))
+        for name, key, back in rows:
             when = it[back]
             verdict = ("n/a (base rate 0)" if it["return_level"] <= 0 else "never" if when is None else
                        f"**step {when}**" if key == "final" else f"step {when}")
@@ -116,8 +120,11 @@ def _plot(path: Path, k: int, item: Tensor, base: Tensor, final: Tensor, data: D
             if c == 0:
                 ax.set_ylabel(f"{name}\nnearest", fontsize=7)
     ax = fig.add_subplot(grid[:, -1])
-    for key, label in (("final", "final model"), ("base_control", "base model (control)")):
-        pts = data["relearn"][key]
+    for key, label in (("final", "final model"), ("base_control", "base model (control)"),
+                       ("control", "retrained without the items (control)")):
+        pts = data["relearn"].get(key)
+        if pts is None:
+            continue
         ax.plot([p["step"] for p in pts], [p["rates"][k] for p in pts], marker="o", label=label)
     ax.set_xlabel("relearning steps (retain only)"), ax.set_ylabel("forget rate")
     ax.set_title(f"item {k}: {data['items'][k]['file']}", fontsize=8)
