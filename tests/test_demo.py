@@ -36,7 +36,7 @@ def test_shortened_demo_writes_the_run_directory_and_forgets(tmp_path):
 
     torch.manual_seed(0)
     cfg = DemoConfig(out=str(tmp_path / "run"), num_samples=200, sampler_steps=10, max_steps=30, val_every=10,
-                     val_samples=100, likelihood=False)
+                     val_samples=100, likelihood=False, verify_samples=100, verify_relearn_steps=4)
     report = run_demo(cfg)
     run = Path(cfg.out)
     for name in ("report.md", "report.json", "grid_before.png", "grid_after.png", "metrics.jsonl", "manifest.json"):
@@ -66,6 +66,13 @@ def test_shortened_demo_writes_the_run_directory_and_forgets(tmp_path):
     assert report_main(args) == 0
     text = (run / "report.md").read_text()
     assert "forget_rate" in text and "grid_after.png" in text
+    # the demo ends with siss-fast verify on its own run: its numbers in the report, its files beside it
+    v = saved["verify"]
+    assert v["samples"] == 100 and v["relearn_steps"] == 4 and len(v["items"]) == 1
+    assert (run / v["folder"] / "verify.json").is_file() and "Proof of deletion" in text
+    assert "verify" in json.loads((run / "manifest.json").read_text())
+    # the shipped base model's twin retrained without the T-shirt is the second control: it never brings it back
+    assert v["items"][0]["retrained_peak_rate"] == 0.0
 
 
 def test_report_rebuild_requires_report_json(tmp_path):

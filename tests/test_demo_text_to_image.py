@@ -66,7 +66,8 @@ def test_shortened_text_to_image_demo(tmp_path):
     assert manifest["base_model"]["sha256"] == saved["base_model_sha256"]
     assert len(manifest["base_model"]["sha256"]) == 64
     assert manifest["metrics_before"] == before and "software" in manifest and "config" in manifest
-    assert manifest["config"]["memorize"]["target_rate"] == 0.25
+    assert manifest["demo_config"]["memorize"]["target_rate"] == 0.25
+    assert manifest["config"]["model"]["path"] and manifest["status"] == "finished"  # the engine's record kept
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert lines and all("step" in x for x in lines)
     captions = (run / "data" / "captions.tsv").read_text().splitlines()

@@ -42,7 +42,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         f"{t.max_steps})")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="retain/forget pairs per step (default: the engine's default for a pixel DDPM, 64)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the engine's, 2e-4)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the engine's for a pixel DDPM, 1e-4)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help=f"samples for before/after metrics (default {d.num_samples}; text-to-image "
                         f"{t.num_samples}, of the memorized prompt)")
@@ -50,6 +50,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"DDIM steps (default {d.sampler_steps}; text-to-image {t.sampler_steps})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-likelihood", action="store_true", help="skip the bits/dim bound")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip siss-fast verify on the finished run (fresh seeds, membership, relearning)")
     return parser
 
 
@@ -95,7 +97,7 @@ def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int
     cfg = DemoConfig(out=args.out or ("runs/demo-compare" if args.compare else "runs/demo"), model=args.model,
                      seed=args.seed, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      num_samples=args.num_samples, sampler_steps=args.sampler_steps, threads=args.threads,
-                     likelihood=not args.no_likelihood)
+                     likelihood=not args.no_likelihood, verify=not args.no_verify and not args.compare)
     # the command owns its process: denormals off for speed (a library call never changes global FP state)
     torch.set_flush_denormal(True)
     report = (run_compare if args.compare else run_demo)(cfg, argv)

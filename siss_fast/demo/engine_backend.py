@@ -60,7 +60,7 @@ def engine_config(cfg, model_dir: Path, run_dir: Path, folders: Dict[str, Path])
         "gradient": given(scaling_norm=cfg.scaling_norm, max_grad_norm=cfg.max_grad_norm),
         "train": given(steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device="cpu"),
         "checkpoint": {"every": 0},
-        # the engine's own stop signal (targeted probe + feature-FD guard, its defaults): the demo's classifier is the
+        # the engine's own stop signal (targeted probe + retain-fit guard, its defaults): the demo's classifier is the
         # independent judge of the report, never a stop rule
         "validation": {
             **given(every=cfg.val_every, num_samples=cfg.val_samples, forget_target=cfg.forget_target,

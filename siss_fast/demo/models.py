@@ -9,9 +9,12 @@ from typing import Optional, Tuple
 
 from siss_fast.engine.models import offline
 
-__all__ = ["SHIPPED_MODEL", "load_base_model", "model_hash"]
+__all__ = ["SHIPPED_MODEL", "SHIPPED_RETRAINED", "load_base_model", "model_hash"]
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "digits_ddpm"
+# the same training on the digits alone (no T-shirt): exact unlearning, verify's retrained control
+# (python -m siss_fast.demo.pretrain --out DIR --seed 0 --without-forget)
+SHIPPED_RETRAINED = SHIPPED_MODEL.parent / "digits_ddpm_retrained"
 
 
 def load_base_model(folder: Optional[os.PathLike] = None) -> Tuple[object, object, object]:

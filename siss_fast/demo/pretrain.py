@@ -166,14 +166,18 @@ file_sha256 = sha256_file  # the name the pretraining records and benchmarks/pla
 
 
 def pretrain(out: Path, seed: int = 0, steps: int = 3000, classifier_steps: int = 800,
-             check_samples: int = 1000) -> Dict:
-    """Train both models, save them under ``out/digits_ddpm/`` and return the pretrain record."""
+             check_samples: int = 1000, without_forget: bool = False) -> Dict:
+    """Train both models, save them under ``out/digits_ddpm/`` and return the pretrain record.
+
+    ``without_forget``: train on the digits alone (no planted T-shirt), same seed and schedule, into
+    ``out/digits_ddpm_retrained/``: exact unlearning, the gold standard an unlearned model is compared with
+    (``siss-fast verify --control``)."""
     from safetensors.torch import save_file
 
     start = time.perf_counter()
     out = Path(out)
-    folder = out / "digits_ddpm"
-    data = demo_data()
+    folder = out / ("digits_ddpm_retrained" if without_forget else "digits_ddpm")
+    data = demo_data(forget_copies=0) if without_forget else demo_data()
     _log(f"data: {data.retain.shape[0]} digits + {data.forget.shape[0]} planted T-shirts "
          f"({100 * data.forget.shape[0] / data.train.shape[0]:.1f} %), torch threads {torch.get_num_threads()}", start)
     clf, acc = train_classifier(data, seed=seed, steps=classifier_steps, start=start)
@@ -182,7 +186,9 @@ def pretrain(out: Path, seed: int = 0, steps: int = 3000, classifier_steps: int 
     _save_pipeline(unet, scheduler, folder)
     save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(folder / "classifier.safetensors"))
     record = {
-        "command": f"python -m siss_fast.demo.pretrain --out {out} --seed {seed} --steps {steps}",
+        "command": f"python -m siss_fast.demo.pretrain --out {out} --seed {seed} --steps {steps}"
+                   + (" --without-forget" if without_forget else ""),
+        "without_forget": without_forget,
         "seed": seed,
         "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET_CONFIG.items()},
         "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
@@ -217,10 +223,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3000, help="DDPM optimizer steps (batch 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--without-forget", action="store_true",
+                        help="train on the digits alone (the retrained-from-scratch control) into digits_ddpm_retrained/")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pretrain(Path(args.out), seed=args.seed, steps=args.steps)
+    pretrain(Path(args.out), seed=args.seed, steps=args.steps, without_forget=args.without_forget)
     return 0
 
 

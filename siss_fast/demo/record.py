@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -82,12 +83,21 @@ def read_engine_manifest(run_dir: Path) -> Dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _merge_items(engine: Sequence[Dict[str, Any]], demo: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The engine's forget-item records (``file`` = the name in ``data.forget_dir``, what ``siss-fast verify``
+    checks) with the demo's extra keys (pixel hash, copies in the training set, prompt) joined by file name."""
+    by_name = {Path(d["file"]).name: d for d in engine}
+    return [{**d, **by_name.get(Path(d["file"]).name, {})} for d in demo]
+
+
 def write_run_record(run_dir: Path, report: Dict[str, Any], manifest: Dict[str, Any], *, kind: str,
                      forget_items: Sequence[Dict[str, Any]], base_model: Dict[str, Any], method: Dict[str, Any],
                      config: Dict[str, Any], unlearning: Dict[str, Any], before: Dict[str, Any],
                      after: Dict[str, Any], software: Dict[str, str]) -> None:
-    """Write ``report.json``, the demo's audit record into the engine's ``manifest`` (``manifest.json``) and
-    ``report.md`` (from the two)."""
+    """Write ``report.json``, the demo's audit record into the engine's ``manifest`` (``manifest.json``, temp file +
+    rename) and ``report.md`` (from the two). The engine's keys stay as the engine wrote them (``config`` is the
+    engine's resolved config, which ``siss-fast verify`` audits against); the demo's own settings go under
+    ``demo_config``."""
     from .report import rebuild_report
 
     run_dir = Path(run_dir)
@@ -99,12 +109,14 @@ def write_run_record(run_dir: Path, report: Dict[str, Any], manifest: Dict[str, 
                                          "method": manifest.pop("method", None)}
     manifest.update({
         "kind": kind,
-        "forget_items": list(forget_items),
+        "forget_items": _merge_items(manifest.get("forget_items") or [], forget_items),
         "base_model": {**manifest.get("base_model", {}), **base_model},
-        "method": method, "config": config, "unlearning": unlearning,
+        "method": method, "demo_config": config, "unlearning": unlearning,
         "metrics_before": before, "metrics_after": after, "pass_criteria": report["pass_criteria"],
         "software": software, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": report["wall_s"],
     })
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp = run_dir / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, run_dir / "manifest.json")
     rebuild_report(run_dir)

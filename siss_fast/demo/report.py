@@ -125,9 +125,10 @@ def render_report(report: Dict, run_dir: Path) -> str:
             ["| metric | before | after | change | better | definition |", "|---|---|---|---|---|---|"])
     lines += [""] + head + rows
     lines += _stop_signal_lines(report.get("stop_signal"))
+    lines += _verify_lines(report.get("verify"))
     checks = report.get("pass_criteria")
     if checks:
-        lines += ["", "## Pass criteria (issue 6)", ""]
+        lines += ["", "## Pass criteria", ""]
         for name, ok in checks.items():
             lines.append(f"- {'PASS' if ok else 'FAIL'}: {name}")
     grids = report.get("grids", {})
@@ -157,6 +158,40 @@ def render_report(report: Dict, run_dir: Path) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _step(x: Optional[int]) -> str:
+    return "no" if x is None else f"step {x}"
+
+
+def _fmt_rate(x: Optional[float]) -> str:
+    return "not run" if x is None else f"{x:.4f}"
+
+
+def _verify_lines(v: Optional[Dict]) -> List[str]:
+    """The headline numbers of ``siss-fast verify`` on this run (its own report: ``FOLDER/verify.md``)."""
+    if not v:
+        return []
+    folder = v["folder"]
+    lines = ["", "## Proof of deletion (`siss-fast verify`)", "",
+             f"{v['samples']} fresh samples per model from seed {v['seed']} (disjoint from every seed the stop rule "
+             f"used), then {v['relearn_steps']} steps of fine-tuning on the retained digits only: "
+             f"**{'PASSED' if v['passed'] else 'FAILED'}** in {v['seconds']} s; retain fit final/base "
+             f"{v['retain_fit_ratio']:.4f}. Full report: [{folder}/verify.md]({folder}/verify.md).", "",
+             "| item | forget rate before [95 % CI] | after [95 % CI] | membership percentile before -> after | "
+             "peak rate while relearning (retrained without it) | back at step (base model: control) |",
+             "|---|---|---|---|---|---|"]
+
+    def rate(r: Dict) -> str:
+        return f"{r['rate']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+
+    for it in v["items"]:
+        pct = it["membership_percentile"]
+        lines.append(f"| {it['file']} | {rate(it['base'])} | {rate(it['final'])} | {pct['base']:.1f} -> "
+                     f"{pct['final']:.1f} | {it['relearn_peak_rate']:.4f} ({_fmt_rate(it.get('retrained_peak_rate'))})"
+                     f" | {_step(it['returned_at_step'])} "
+                     f"({_step(it['base_control_returned_at_step'])}) |")
+    return lines
 
 
 def _stop_signal_lines(signal: Optional[Dict]) -> List[str]:

@@ -34,6 +34,7 @@ import torch
 from siss_fast.methods import get_method, method_names
 
 from .data import DemoData, demo_data, to_unit
+from .report import rebuild_report
 from .record import (forget_items, method_lambd, method_record, read_engine_manifest, say, software_versions,
                      write_run_record)
 
@@ -66,6 +67,9 @@ class DemoConfig:
     quality_tolerance: Optional[float] = None   # guard: stop when quality < (1 - tol) * quality at step 0
     min_steps: Optional[int] = None
     likelihood: bool = True              # bits/dim of the forget image and of 4 digits (4 x T forward passes)
+    verify: bool = True                  # siss-fast verify on the finished run (fresh seeds, membership, relearning)
+    verify_samples: int = 1000           # fresh samples per model for verify
+    verify_relearn_steps: int = 100      # retain-only fine-tune steps of verify's relearning probe
     threads: Optional[int] = None
 
 
@@ -218,16 +222,45 @@ def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any
                         f"DDIM({cfg.sampler_steps}) samples (seed {cfg.seed}), forget_rate by the L2 threshold and "
                         "quality by the shipped digits classifier. The engine decided on its validation (seed "
                         f"{cfg.seed + 1}): the targeted probe (forget_probe: the T-shirt noised to an intermediate "
-                        "level and denoised, share that comes back) and the Fréchet distance of its samples to the "
-                        "digits in the base UNet's features (feature_fd), both without a classifier.")}
+                        "level and denoised, share that comes back) and the retain fit (retain_fit: the digits' "
+                        "denoising error at fixed noise, relative to the base model's), both without a classifier.")}
     write_run_record(
         run_dir, report, manifest, kind="siss-fast demo: data unlearning audit record",
         forget_items=forget_items(run_dir, run_dir / "data" / "forget",
                                   copies_in_training_set=int(data.forget.shape[0])),
         base_model={"path": str(model_dir), "sha256": base_hash}, method=method, config=asdict(resolved(cfg)),
         unlearning=dict(info), before=before, after=after, software=software_versions())
-    say(f"wrote {run_dir}/report.md ({wall:.1f} s total)", start)
+    if cfg.verify:
+        report["verify"] = _verify(run_dir, cfg, start)
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        rebuild_report(run_dir)
+    say(f"wrote {run_dir}/report.md ({time.perf_counter() - start:.1f} s total)", start)
     return report
+
+
+def _verify(run_dir: Path, cfg: DemoConfig, start: float) -> Dict[str, Any]:
+    """``siss-fast verify`` on the demo's finished run (``RUN_DIR/verify/``); its headline numbers for the report:
+    ``{"folder", "passed", "items": [{file, base, final (rate, ci95), membership percentiles, relearn}], ...}``."""
+    from siss_fast.verify import verify_run
+
+    from .models import SHIPPED_RETRAINED
+
+    # the shipped base model has a shipped twin retrained without the T-shirt: the exact-unlearning control
+    control = SHIPPED_RETRAINED if cfg.model is None and (SHIPPED_RETRAINED / "unet").is_dir() else None
+    result = verify_run(run_dir, samples=cfg.verify_samples, relearn_steps=cfg.verify_relearn_steps,
+                        control=control, log=lambda message: say(message, start))
+    data = result.report
+    members = data["membership"]["items"]  # one row per forget item, in item order
+    items = [{"file": it["file"], "base": it["base"], "final": it["final"],
+              "membership_percentile": {k: members[it["item"]][f"percentile_{k}"] for k in ("base", "final")},
+              "relearn_peak_rate": it["relearn_peak_rate"], "returned_at_step": it["returned_at_step"],
+              "base_control_returned_at_step": it["base_control_returned_at_step"],
+              "retrained_peak_rate": it.get("control_peak_rate")} for it in data["items"]]
+    return {"folder": str(result.out_dir.relative_to(run_dir)) if run_dir in result.out_dir.parents else
+            str(result.out_dir), "passed": result.passed, "seed": data["seeds"]["verify_seed"],
+            "samples": data["settings"]["samples"], "relearn_steps": data["settings"]["relearn_steps"],
+            "retain_fit_ratio": data["quality"]["retain_fit_ratio"], "items": items,
+            "seconds": round(data["timings_s"]["total_s"], 1)}
 
 
 def _short(m: Dict) -> str:
@@ -243,7 +276,7 @@ def run_compare(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     ``c`` that SISS's auto rule measured (the same forget-gradient norm SISS applies), recorded in its row."""
     from .engine_backend import unlearn_engine
     from .models import model_hash
-    from .report import rebuild_report, save_pareto_plot
+    from .report import save_pareto_plot
 
     start, run_dir, model_dir, unet0, abar, classifier, data = _open_run(cfg)
     before, _, _ = measure(unet0, abar, classifier, data, num_samples=cfg.num_samples,
