@@ -58,11 +58,11 @@ for name in ("mixture_noise_ext", "siss_loss_forward_ext", "siss_loss_backward_e
 # The CPU kernels of this build still run (no GPU needed).
 x = torch.randn(2, 4, 8, 8)
 g = torch.tensor([0.5, 0.9]); s = (1 - g * g).sqrt()
-out = ext.siss_loss_forward(x, x, torch.zeros_like(x), torch.ones_like(x), g, s, 0.5, None)
+out = ext.ops().siss_loss_forward(x, x, torch.zeros_like(x), torch.ones_like(x), g, s, 0.5, None)
 assert all(torch.isfinite(t).all() for t in out)
 if torch.cuda.is_available():
     xc = x.cuda(); gc, sc = g.cuda(), s.cuda()
-    outc = ext.siss_loss_forward(xc, xc, torch.zeros_like(xc), torch.ones_like(xc), gc, sc, 0.5, None)
+    outc = ext.ops().siss_loss_forward(xc, xc, torch.zeros_like(xc), torch.ones_like(xc), gc, sc, 0.5, None)
     for a, b in zip(out, outc):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=0)
     print("cuda_lane: ran the CUDA kernels on", torch.cuda.get_device_name())
