@@ -24,10 +24,11 @@ from typing import Callable, Dict, List, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as H  # noqa: E402
+import kernel_bench as K  # noqa: E402
 import torch  # noqa: E402
 
 OP = "mixture_noise"
-PROVIDERS = H.kernel_providers()  # research-eager, compiled-ref, then every registered backend
+PROVIDERS = K.kernel_providers()  # research-eager, compiled-ref, then every registered backend
 MODES = ("forward",)
 
 
@@ -53,7 +54,7 @@ def public_mixture(x0, a0, noise, gamma, sigma, mask):
     return sf.mixture_noise(x0, a0, noise, gamma, sigma, mask)
 
 
-def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: H.Plan) -> List[H.Case]:
+def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: K.Plan) -> List[H.Case]:
     from siss_fast.testing import make_case
 
     device = plan.device
@@ -68,12 +69,12 @@ def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: H.Plan) -> Lis
         if provider == "research-eager":
             fns[provider] = lambda: research_eager_mixture(*args)
         elif provider == "compiled-ref":
-            compiled = H.compiled_reference(reference_mixture, plan, notes)
+            compiled = K.compiled_reference(reference_mixture, plan, notes)
             fns[provider] = lambda f=compiled: f(*args)
-        elif H.admit_backend(provider, device, numel, skipped, interpreted):
+        elif K.admit_backend(provider, device, numel, skipped, interpreted):
 
             def run(p=provider):
-                H.use_backend(p)
+                K.use_backend(p)
                 return public_mixture(*args)
 
             fns[provider] = run
@@ -83,7 +84,7 @@ def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: H.Plan) -> Lis
 
 
 def main(argv=None) -> int:
-    return H.bench_main("mixture_noise benchmark", "bench_mixture_noise", PROVIDERS, MODES, build_cases, (), argv)
+    return K.bench_main("mixture_noise benchmark", "bench_mixture_noise", PROVIDERS, MODES, build_cases, (), argv)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ from typing import Callable, Dict, List, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as H  # noqa: E402
+import kernel_bench as K  # noqa: E402
 import torch  # noqa: E402
 
 OP = "siss_loss"
-PROVIDERS = H.kernel_providers()  # research-eager, compiled-ref, then every registered backend
+PROVIDERS = K.kernel_providers()  # research-eager, compiled-ref, then every registered backend
 MODES = ("forward", "backward", "forward+backward")
 LAMBD = 0.5
 FORGET_SCALE = 0.5  # loss = loss_x - FORGET_SCALE * loss_a, what the backward differentiates
@@ -107,7 +108,7 @@ def mode_callables(loss_fn: Callable, inputs: Tuple[torch.Tensor, ...], pred: to
     return {"forward": forward, "backward": backward, "forward+backward": forward_backward}
 
 
-def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: H.Plan) -> List[H.Case]:
+def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: K.Plan) -> List[H.Case]:
     from siss_fast.testing import make_case
 
     device = plan.device
@@ -135,11 +136,11 @@ def build_cases(shape: Tuple[int, ...], dtype: torch.dtype, plan: H.Plan) -> Lis
         if provider == "research-eager":
             add(provider, lambda: mode_callables(research_eager_loss, inputs, pred))
         elif provider == "compiled-ref":
-            compiled = H.compiled_reference(plain_reference_loss, plan, notes)
+            compiled = K.compiled_reference(plain_reference_loss, plan, notes)
             add(provider, lambda: mode_callables(compiled, inputs, pred))
-        elif H.admit_backend(provider, device, numel, skipped, interpreted):
-            add(provider, lambda p=provider: mode_callables(public_loss, inputs, pred, lambda: H.use_backend(p)))
-    H.use_backend("auto")
+        elif K.admit_backend(provider, device, numel, skipped, interpreted):
+            add(provider, lambda p=provider: mode_callables(public_loss, inputs, pred, lambda: K.use_backend(p)))
+    K.use_backend("auto")
 
     cases = []
     for mode in plan.modes:
@@ -159,7 +160,7 @@ def _raiser(msg: str) -> Callable[[], object]:
 
 
 def main(argv=None) -> int:
-    return H.bench_main("siss_loss benchmark", "bench_siss_loss", PROVIDERS, MODES, build_cases, TARGETS, argv)
+    return K.bench_main("siss_loss benchmark", "bench_siss_loss", PROVIDERS, MODES, build_cases, TARGETS, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as H  # noqa: E402  (puts a bare checkout on sys.path if siss_fast is not installed)
+import kernel_bench as K  # noqa: E402
 import torch  # noqa: E402
 
 SHAPES = [((1, 4, 64, 64), None), ((3, 4, 17, 23), None), ((2, 3, 256, 256), None), ((16, 4, 64, 64), None),
@@ -58,7 +59,7 @@ def check(backends, shapes, device: torch.device, seed: int = 0):
 
     results = []
     for backend in backends:
-        ok, why, _ = H.backend_status(backend, device, 0)
+        ok, why, _ = K.backend_status(backend, device, 0)
         if not ok:
             results.append({"backend": backend, "status": "skipped", "why": why})
             print(f"{backend}: skipped ({why})")

@@ -1,44 +1,34 @@
-"""The one benchmark harness of siss_fast: timing, bandwidth, peak memory, result rows, header, JSON + markdown.
+"""The one benchmark harness of siss_fast: result rows, the shared command line, timing of cases, JSON + markdown.
 
-Every benchmark script (``bench_*.py``) and the pytest-benchmark wrapper (``test_bench_kernels.py``) time through this
-module; none carries a timer of its own.
+Every benchmark script (``bench_*.py``) and the pytest-benchmark wrappers (``test_bench_*.py``) time through this
+module; none carries a timer of its own. It is split in four modules, all imported through this one:
 
-Timing
-    * CPU: ``time.perf_counter`` around ``inner`` back-to-back calls (``inner`` chosen so that one sample lasts at least
-      ``min_sample_ms``), ``repeats`` samples per callable. The callables of one case are timed **interleaved** (round
-      robin, rotating the start), so a load spike on a shared machine hits every provider alike and the ratios between
-      them stay meaningful. ``torch.set_num_threads`` is set by :func:`setup` and recorded in the header.
-    * CUDA: ``triton.testing.do_bench(return_mode="all")`` when triton imports (it flushes the L2 cache before every
-      run, so small shapes are measured cold), else CUDA events with the same L2 flush. Peak memory comes from
-      ``torch.cuda.max_memory_allocated`` around one call.
-    * Median, interquartile range and min/max of the samples are reported.
+* :mod:`timing` -- the timer (:class:`Timing`, :func:`measure`, :func:`peak_memory`, :func:`pytest_benchmark`):
+  interleaved ``perf_counter`` samples on the CPU, ``triton.testing.do_bench`` or CUDA events on the GPU;
+* :mod:`machine` -- the results header (:func:`machine_header`) and the bandwidth yardsticks (peak HBM, ``copy_``);
+* this module -- rows (:class:`BenchRow`, :class:`Target`), the command line shared by every script, derived numbers
+  (GB/s, speedups, targets), the tables and files, and :func:`run_cases`, which times the providers of each case;
+* :mod:`kernel_bench` -- the kernel benchmarks' ``main`` (plans, providers, backends): :func:`kernel_bench.bench_main`.
 
-Bandwidth
-    ``GB/s = logical bytes / median time`` (1 GB = 1e9 bytes). Logical bytes count each input read once and each output
-    written once (what a perfectly fused kernel has to move), so the figure is comparable across providers. On the GPU
-    it is also given as a share of the device's peak HBM bandwidth (stated in the header) and of a device-to-device
-    ``copy_`` measured in the same run; on the CPU as a share of the measured ``copy_`` only.
+Bandwidth: ``GB/s = logical bytes / median time`` (1 GB = 1e9 bytes), each input read once and each output written
+once, so the figure is comparable across providers (details in :mod:`machine`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
-import importlib.metadata
 import importlib.util
 import json
-import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from machine import copy_bandwidth, device_peak_bandwidth, load_average, machine_header
+from timing import Timing, measure, peak_memory, pytest_benchmark
 
 __all__ = [
     "Timing",
@@ -51,9 +41,11 @@ __all__ = [
     "dtype_name",
     "measure",
     "peak_memory",
+    "pytest_benchmark",
     "copy_bandwidth",
     "device_peak_bandwidth",
     "machine_header",
+    "load_average",
     "fill_bandwidth",
     "fill_speedups",
     "check_target",
@@ -62,9 +54,6 @@ __all__ = [
     "write_results",
     "run_cases",
     "Case",
-    "Plan",
-    "backend_status",
-    "bench_main",
     "BASELINES",
 ]
 
@@ -77,57 +66,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("siss_fast") is None:
     sys.path.insert(0, str(REPO_ROOT))
 
-# Peak HBM bandwidth (GB/s, vendor figures) by a substring of torch.cuda.get_device_name(); the first match wins.
-_PEAK_BANDWIDTH_GBS = (
-    ("H200", 4800.0),  # HBM3e, NVIDIA H200 SXM datasheet
-    ("H100 NVL", 3900.0),
-    ("H100 PCIe", 2000.0),
-    ("H100", 3350.0),  # SXM5
-    ("GH200", 4000.0),
-    ("B200", 8000.0),
-    ("A100-SXM4-80GB", 2039.0),
-    ("A100 80GB PCIe", 1935.0),
-    ("A100", 1555.0),
-    ("L40S", 864.0),
-    ("L4", 300.0),
-    ("A10G", 600.0),
-    ("V100", 900.0),
-    ("T4", 320.0),
-    ("RTX 4090", 1008.0),
-    ("RTX 3090", 936.0),
-)
+_load_average = load_average  # the name bench_engine.py uses
 
 
 # ------------------------------------------------------------------------------------------------------------ rows
-
-
-@dataclasses.dataclass
-class Timing:
-    """Summary of the timed samples of one callable, in milliseconds per call."""
-
-    median_ms: float
-    q25_ms: float
-    q75_ms: float
-    min_ms: float
-    max_ms: float
-    samples: int
-    inner: int = 1  # calls per sample (CPU); 1 on CUDA
-
-    @property
-    def iqr_ms(self) -> float:
-        return self.q75_ms - self.q25_ms
-
-    @classmethod
-    def from_samples(cls, samples_ms: Sequence[float], inner: int = 1) -> "Timing":
-        xs = sorted(float(x) for x in samples_ms)
-        if not xs:
-            raise ValueError("samples_ms: expected at least one sample, got none")
-        if len(xs) >= 4:
-            q = statistics.quantiles(xs, n=4, method="inclusive")
-            q25, q75 = q[0], q[2]
-        else:
-            q25, q75 = xs[0], xs[-1]
-        return cls(statistics.median(xs), q25, q75, xs[0], xs[-1], len(xs), inner)
 
 
 @dataclasses.dataclass
@@ -276,258 +218,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
-# ---------------------------------------------------------------------------------------------------------- timing
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _time_cpu_interleaved(
-    fns: Dict[str, Callable[[], object]], warmup: int, repeats: int, min_sample_ms: float
-) -> Dict[str, Timing]:
-    names = list(fns)
-    inner: Dict[str, int] = {}
-    for name in names:  # warm up, then size the inner loop so that one sample lasts >= min_sample_ms
-        fn = fns[name]
-        for _ in range(max(1, warmup)):
-            fn()
-        t0 = time.perf_counter()
-        fn()
-        one_ms = (time.perf_counter() - t0) * 1e3
-        inner[name] = max(1, min(1000, math.ceil(min_sample_ms / max(one_ms, 1e-3))))
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            fn, k = fns[name], inner[name]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3 / k)
-    return {n: Timing.from_samples(samples[n], inner[n]) for n in names}
-
-
-_L2_FLUSH: Dict[int, torch.Tensor] = {}
-
-
-def _time_cuda_events(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    flush = _L2_FLUSH.get(idx)
-    if flush is None:
-        flush = _L2_FLUSH[idx] = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
-    for _ in range(max(1, warmup)):
-        fn()
-    torch.cuda.synchronize(device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for i in range(repeats):
-        flush.zero_()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends)])
-
-
-def _time_cuda(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, rep_ms: float) -> Timing:
-    try:
-        from triton.testing import do_bench
-    except Exception:  # noqa: BLE001 - no (working) triton: CUDA events do the same job
-        do_bench = None
-    if do_bench is not None:
-        try:
-            fn()  # autotuning / lazy init outside the measured window
-            torch.cuda.synchronize(device)
-            times = do_bench(fn, warmup=max(25, warmup), rep=rep_ms, return_mode="all")
-            if isinstance(times, (list, tuple)) and times:
-                return Timing.from_samples(times)
-        except (TypeError, AssertionError):  # an old triton without return_mode="all"
-            pass
-    return _time_cuda_events(fn, device, warmup, max(repeats, 50))
-
-
-def measure(
-    fns: Dict[str, Callable[[], object]],
-    device: torch.device,
-    *,
-    warmup: int = 3,
-    repeats: int = 15,
-    min_sample_ms: float = 20.0,
-    rep_ms: float = 100.0,
-) -> Dict[str, Timing]:
-    """Time each callable of one case; returns ``{name: Timing}`` (ms per call).
-
-    CPU: interleaved, ``repeats`` samples of ``inner`` calls each. CUDA: each callable alone through do_bench (about
-    ``rep_ms`` of runs, L2 flushed before each) or CUDA events (``repeats`` runs).
-    """
-    if device.type == "cpu":
-        return _time_cpu_interleaved(fns, warmup, repeats, min_sample_ms)
-    return {name: _time_cuda(fn, device, warmup, repeats, rep_ms) for name, fn in fns.items()}
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> Tuple[Optional[float], Optional[float]]:
-    """``(peak_mb, extra_mb)`` of one call on CUDA: ``max_memory_allocated`` (inputs included) and the same minus the
-    memory allocated before the call. ``(None, None)`` on the CPU (the CPU allocator keeps no such statistics)."""
-    if device.type != "cuda":
-        return None, None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del out
-    return peak / 2**20, (peak - before) / 2**20
-
-
-def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -> Dict[str, float]:
-    """Bandwidth of a large ``dst.copy_(src)`` on ``device`` (read + write counted), in GB/s.
-
-    Sizes: 1 GiB per buffer on CUDA, 128 MiB on the CPU (well beyond the last-level cache).
-    """
-    if nbytes is None:
-        nbytes = 2**30 if device.type == "cuda" else 2**27
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = measure({"copy": lambda: dst.copy_(src)}, device, warmup=3, repeats=9, min_sample_ms=50.0)["copy"]
-    gbps = 2 * src.numel() * src.element_size() / (t.median_ms * 1e-3) / 1e9
-    del src, dst
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"copy_gbps": gbps, "copy_bytes_per_buffer": nbytes, "copy_median_ms": t.median_ms}
-
-
-def device_peak_bandwidth(device: torch.device) -> Tuple[Optional[float], str]:
-    """``(GB/s, source)`` of the device's peak memory bandwidth; ``(None, why)`` on the CPU."""
-    if device.type != "cuda":
-        return None, "no peak figure on the CPU (the measured copy_ bandwidth is the yardstick)"
-    name = torch.cuda.get_device_name(device)
-    for key, gbps in _PEAK_BANDWIDTH_GBS:
-        if key in name:
-            return gbps, f"vendor figure for {key} ({gbps:.0f} GB/s), matched on device name {name!r}"
-    props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", None)
-    bus_bits = getattr(props, "memory_bus_width", None)
-    if clock_khz and bus_bits:
-        gbps = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-        return gbps, f"2 x memory clock ({clock_khz} kHz) x bus width ({bus_bits} bit) from device properties"
-    return None, f"unknown peak bandwidth for {name!r}"
-
-
-# ---------------------------------------------------------------------------------------------------------- header
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_average() -> Optional[str]:
-    """1/5/15-minute load averages: on a shared machine, the first thing to read beside a CPU number."""
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except (OSError, AttributeError):
-        return None
-
-
-def _oversubscription_warning(device: torch.device) -> Optional[str]:
-    """A warning when other processes compete for the cores (5-minute load average above the core count)."""
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
-        return None
-    load5 = os.getloadavg()[1]
-    cores = os.cpu_count() or 1
-    if load5 <= cores:
-        return None
-    return (f"the machine was oversubscribed (5-minute load {load5:.1f} on {cores} cores): every thread can be "
-            "preempted for a scheduler quantum, multi-threaded regions stall on their slowest thread, and times "
-            "jump in steps of ~10-20 ms. Treat absolute times and ratios here as indicative only; rerun on a quiet "
-            "machine (the ratio of minimums is the least disturbed figure).")
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _git_revision() -> Dict[str, str]:
-    def git(*args: str) -> Optional[str]:
-        try:
-            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    rev = git("rev-parse", "HEAD") or "unknown"
-    status = git("status", "--porcelain")
-    dirty = "unknown" if status is None else ("yes" if status else "no")
-    return {"git_revision": rev, "git_dirty": dirty}
-
-
-def machine_header(device: torch.device, *, copy: Optional[Dict[str, float]] = None) -> Dict[str, object]:
-    """Machine, library versions, git revision, date, backends and bandwidth yardsticks of this run."""
-    import siss_fast as sf
-    from siss_fast import backends
-
-    header: Dict[str, object] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type,
-        "cpu_model": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": _load_average(),
-        "process_niceness": os.nice(0) if hasattr(os, "nice") else None,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "siss_fast": getattr(sf, "__version__", "unknown"),
-        "siss_fast_path": str(Path(sf.__file__).resolve().parent),
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
-        "value_checks": os.environ.get("SISS_FAST_VALUE_CHECKS", "1") != "0",
-        "timer": ("perf_counter, interleaved providers" if device.type == "cpu"
-                  else "triton.testing.do_bench (L2 flushed) or CUDA events"),
-        **_git_revision(),
-    }
-    backend_state = {}
-    for name in backends.backend_names():
-        ok, why = backends.availability(name, device.type)
-        backend_state[name] = "available" if ok else f"unavailable: {why}"
-        if ok and name == "triton" and device.type == "cpu":
-            backend_state[name] = "interpreter only (TRITON_INTERPRET=1): not a speed figure"
-    header["backends"] = backend_state
-    try:  # which SIMD build of the cpp kernels runs (the extension dispatches on the CPU's capability)
-        from siss_fast import _extension
-
-        cap = getattr(_extension._C, "cpu_capability", None)
-        header["cpp_cpu_capability"] = cap() if callable(cap) else "not reported by this build"
-        so = getattr(_extension._C, "__file__", None)
-        if so:  # which build of the extension was measured
-            import hashlib
-
-            stat = Path(so).stat()
-            header["extension_build"] = (
-                f"{Path(so).name}, sha256 {hashlib.sha256(Path(so).read_bytes()).hexdigest()[:12]}, modified "
-                + _dt.datetime.fromtimestamp(stat.st_mtime, _dt.timezone.utc).isoformat(timespec="seconds"))
-    except Exception:  # noqa: BLE001
-        header["cpp_cpu_capability"] = "unavailable"
-    peak, source = device_peak_bandwidth(device)
-    header["peak_bandwidth_gbps"] = peak
-    header["peak_bandwidth_source"] = source
-    if copy is not None:
-        header.update(copy)
-    return header
 
 
 # ----------------------------------------------------------------------------------------------- derived numbers
@@ -761,235 +454,3 @@ def run_cases(
             print(f"  {case.op} {case.shape} {case.dtype} {case.mode}: {best}", flush=True)
     return rows
 
-
-# ------------------------------------------------------------------------------------------- plans and the main loop
-
-#: Shapes (B, C, H, W): Stable Diffusion latents, pixel space, one large (64 MiB per fp32 input), one awkward.
-SHAPES = {
-    "cpu": ("16x4x64x64", "64x4x64x64", "4x3x256x256", "3x4x17x23"),
-    "cpu-full": ("16x4x64x64", "64x4x64x64", "4x3x256x256", "64x4x256x256", "3x4x17x23"),
-    "cuda": ("16x4x64x64", "64x4x64x64", "4x3x256x256", "64x4x256x256", "3x4x17x23"),
-    "cpu-quick": ("16x4x64x64", "3x4x17x23"),
-    "cuda-quick": ("16x4x64x64", "64x4x256x256", "3x4x17x23"),
-    "tiny": ("2x4x8x8", "3x4x17x23"),
-}
-DTYPES = {
-    "cpu": ("fp32", "bf16"),
-    "cuda": ("fp32", "bf16", "fp16"),
-    "cpu-quick": ("fp32",),
-    "cuda-quick": ("fp32", "bf16"),
-    "tiny": ("fp32", "bf16"),
-}
-#: Under TRITON_INTERPRET=1 every program instance costs about a millisecond: only tiny cases get a triton row.
-TRITON_INTERPRETER_MAX_NUMEL = 16384
-
-
-@dataclasses.dataclass
-class Plan:
-    """What one run measures (from the command line and the device)."""
-
-    device: torch.device
-    shapes: List[Tuple[int, ...]]
-    dtypes: List[torch.dtype]
-    modes: List[str]
-    providers: List[str]
-    repeats: int
-    compile_backend: Optional[str]  # "inductor", "aot_eager" (smoke: exercises tracing, not a speed figure) or None
-    min_sample_ms: float
-    rep_ms: float
-    tiny: bool
-
-
-def make_plan(args: argparse.Namespace, device: torch.device, providers: Sequence[str], modes: Sequence[str]) -> Plan:
-    dev = device.type
-    if args.tiny:
-        shapes, dtypes, repeats, min_ms, rep_ms = SHAPES["tiny"], DTYPES["tiny"], 3, 1.0, 10.0
-    elif args.quick:
-        shapes, dtypes, repeats, min_ms, rep_ms = SHAPES[f"{dev}-quick"], DTYPES[f"{dev}-quick"], 9, 10.0, 50.0
-    else:
-        key = "cpu-full" if (dev == "cpu" and args.full) else dev
-        shapes, dtypes, repeats, min_ms, rep_ms = SHAPES[key], DTYPES[dev], 15, 20.0, 100.0
-    shapes = split_list(args.shapes) or list(shapes)
-    dtypes = split_list(args.dtypes) or list(dtypes)
-    chosen_modes = split_list(args.modes) or list(modes)
-    bad = [m for m in chosen_modes if m not in modes]
-    if bad:
-        raise SystemExit(f"--modes: expected a subset of {list(modes)}, got {bad}")
-    chosen = split_list(args.providers) or list(providers)
-    bad = [p for p in chosen if p not in providers]
-    if bad:
-        raise SystemExit(f"--providers: expected a subset of {list(providers)}, got {bad}")
-    if args.no_compile and "compiled-ref" in chosen:
-        chosen.remove("compiled-ref")
-    return Plan(
-        device=device,
-        shapes=[parse_shape(s) for s in shapes],
-        dtypes=[parse_dtype(d) for d in dtypes],
-        modes=chosen_modes,
-        providers=chosen,
-        repeats=args.repeats or repeats,
-        compile_backend=None if args.no_compile else ("aot_eager" if args.tiny else "inductor"),
-        min_sample_ms=args.min_sample_ms if args.min_sample_ms is not None else min_ms,
-        rep_ms=rep_ms,
-        tiny=bool(args.tiny),
-    )
-
-
-def pytest_benchmark(benchmark, name: str, fn: Callable[[], object], device: torch.device, rounds: int,
-                     logical_bytes: Optional[int] = None) -> None:
-    """Time ``fn`` with pytest-benchmark (``benchmark.pedantic``, one warmup round); on CUDA the calls synchronise,
-    and ``benchmark.extra_info`` gets this harness's median and IQR, the GB/s of ``logical_bytes`` (if given) and
-    the peak memory."""
-    if device.type != "cuda":
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-        return
-    timing = measure({name: fn}, device, rep_ms=50.0)[name]
-    peak, extra = peak_memory(fn, device)
-    info: Dict[str, object] = {"harness_median_ms": timing.median_ms, "harness_iqr_ms": [timing.q25_ms, timing.q75_ms]}
-    if logical_bytes is not None:
-        info["gbps"] = logical_bytes / (timing.median_ms * 1e-3) / 1e9
-    benchmark.extra_info.update(info, peak_mem_mb=peak, extra_mem_mb=extra)
-
-    def synchronized():
-        fn()
-        torch.cuda.synchronize(device)
-
-    benchmark.pedantic(synchronized, rounds=rounds, iterations=1, warmup_rounds=1)
-
-
-def kernel_providers() -> Tuple[str, ...]:
-    """The providers of a kernel benchmark: the research code's eager formulation, ``torch.compile`` of the
-    reference, then every registered siss_fast backend (:func:`siss_fast.backends.backend_names`)."""
-    from siss_fast.backends import backend_names
-
-    return ("research-eager", "compiled-ref") + backend_names()
-
-
-def compiled_reference(fn: Callable, plan: "Plan", notes: Dict[str, str]) -> Callable:
-    """``torch.compile(fn)`` with the plan's compile backend (the ``compiled-ref`` provider); notes a smoke run."""
-    compiled = torch.compile(fn, backend=plan.compile_backend, dynamic=False)
-    if plan.compile_backend != "inductor":
-        notes["compiled-ref"] = f"torch.compile backend={plan.compile_backend} (smoke), not a speed figure"
-    return compiled
-
-
-def admit_backend(name: str, device: torch.device, numel: int, skipped: Dict[str, str],
-                  interpreted: List[str]) -> bool:
-    """Whether backend provider ``name`` runs in this case; records why not in ``skipped`` and an interpreted run
-    (no speed figure) in ``interpreted``."""
-    ok, why, interp = backend_status(name, device, numel)
-    if not ok:
-        skipped[name] = why
-    elif interp:
-        interpreted.append(name)
-    return ok
-
-
-def backend_status(name: str, device: torch.device, numel: int) -> Tuple[bool, str, bool]:
-    """``(runnable, reason, interpreted)`` for a siss_fast backend on tensors of ``numel`` elements on ``device``."""
-    from siss_fast import backends
-
-    ok, why = backends.availability(name, device.type)
-    if not ok:
-        if name == "cuda" and device.type == "cpu":
-            why = f"GPU: not measured in a CPU run ({why})"
-        return False, why, False
-    interpreted = name == "triton" and device.type == "cpu"
-    if interpreted and numel > TRITON_INTERPRETER_MAX_NUMEL:
-        return False, (f"TRITON_INTERPRET=1 interpreter only on this machine; too slow above "
-                       f"{TRITON_INTERPRETER_MAX_NUMEL} elements (see the 3x4x17x23 row)"), True
-    return True, why, interpreted
-
-
-def use_backend(name: str) -> None:
-    """Select a siss_fast backend, cheaply when it is already the current one (called inside timed callables so
-    that interleaved providers each run on their own backend)."""
-    import siss_fast as sf
-
-    if sf.get_backend() != name:
-        sf.set_backend(name)
-
-
-def configure_compile() -> None:
-    """Room for one compiled graph per (shape, dtype, requires_grad) case without hitting dynamo's recompile limit."""
-    import torch._dynamo.config as dynamo_config
-
-    for attr in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, attr):
-            setattr(dynamo_config, attr, max(getattr(dynamo_config, attr), 256))
-
-
-def bench_main(
-    title: str,
-    stem: str,
-    providers: Sequence[str],
-    modes: Sequence[str],
-    build_cases: Callable[[Tuple[int, ...], torch.dtype, Plan], List[Case]],
-    targets: Sequence[Target] = (),
-    argv: Optional[Sequence[str]] = None,
-) -> int:
-    """The ``main`` of every benchmark script: parse, plan, measure every (shape, dtype), print, write, check targets.
-
-    Returns the exit status: 1 when any row errored, else 0. With ``--out`` the JSON (+ .md) is rewritten after every
-    (shape, dtype) group, so a run cut short by a time limit still leaves its finished rows.
-    """
-    args = common_parser(title).parse_args(argv)
-    device = setup(resolve_device_arg(args), args.threads, value_checks=not args.no_value_checks)
-    plan = make_plan(args, device, providers, modes)
-    if plan.compile_backend is not None:
-        configure_compile()
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], os.getcwd()) if sys.argv else stem,
-                                    *(argv if argv is not None else sys.argv[1:])])
-    copy = copy_bandwidth(device, 2**24 if plan.tiny else None)
-    header = machine_header(device, copy=copy)
-    header["compile_backend"] = plan.compile_backend or "skipped (--no-compile)"
-    if _oversubscription_warning(device):
-        print("WARNING: " + _oversubscription_warning(device), flush=True)
-    print(f"== {title} on {device.type}: {header['cpu_model']}, {header['torch_threads']} threads"
-          + (f", {header['gpu']}" if header["gpu"] else "")
-          + f"; torch {header['torch']}, triton {header['triton']}; copy_ {copy['copy_gbps']:.1f} GB/s", flush=True)
-    rows: List[BenchRow] = []
-    evaluated: List[Dict[str, object]] = []
-
-    def finish(final: bool) -> None:
-        fill_bandwidth(rows, header)
-        fill_speedups(rows)
-        header["load_average_at_end"] = _load_average()
-        warning = _oversubscription_warning(device)
-        if warning:
-            header["WARNING"] = warning
-        evaluated.clear()
-        planned = {(H_shape, H_dtype, m) for H_shape in map(shape_name, plan.shapes)
-                   for H_dtype in map(dtype_name, plan.dtypes) for m in plan.modes}
-        for target in targets:
-            if target.device == device.type and (target.shape, target.dtype, target.mode) in planned:
-                t = dataclasses.replace(target, threads=torch.get_num_threads() if device.type == "cpu" else None)
-                evaluated.append(check_target(rows, t))
-        if args.out is not None:
-            write_results(args.out, title, header, rows, evaluated, command)
-
-    for shape in plan.shapes:
-        for dtype in plan.dtypes:
-            cases = build_cases(shape, dtype, plan)
-            rows.extend(run_cases(cases, device, plan.providers, repeats=plan.repeats, min_sample_ms=plan.min_sample_ms,
-                                  rep_ms=plan.rep_ms))
-            del cases
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            finish(final=False)
-    finish(final=True)
-    print()
-    print_rows(rows)
-    if evaluated:
-        print()
-        for t in evaluated:
-            print(target_line(t))
-    if args.out is not None:
-        print(f"\nwrote {args.out} and {Path(args.out).with_suffix('.md')}")
-    errors = [r for r in rows if r.status == "error"]
-    if errors:
-        print(f"\n{len(errors)} row(s) errored:", file=sys.stderr)
-        for r in errors:
-            print(f"  {r.op} {r.shape} {r.dtype} {r.mode} {r.provider}: {r.note}", file=sys.stderr)
-        return 1
-    return 0

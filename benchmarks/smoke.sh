@@ -56,6 +56,20 @@ assert "mixed" in exact["note"] and exact["extra_mem_mb"] is not None, exact
 print(f"    engine JSON ok ({len(timed)} providers timed)")
 PYEOF
 
+echo "--- sd_v1_unlearn.py --tiny: siss-fast unlearn and the research loop per case, each in its own process"
+"$PY" benchmarks/sd_v1_unlearn.py --tiny --steps 2 --threads 1 --cases naive-finetune,lean-exact,lora-r8,research-loop \
+  --work "$OUTDIR/sd-v1-tiny" --out "$OUTDIR/sd_v1_unlearn.json" > "$OUTDIR/sd_v1_unlearn.log" 2>&1 || {
+  cat "$OUTDIR/sd_v1_unlearn.log"; echo "smoke.sh: sd_v1_unlearn.py failed" >&2; exit 1; }
+"$PY" - "$OUTDIR/sd_v1_unlearn.json" <<'PYEOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+bad = [(r["case"], r["status"]) for r in doc["rows"] if r["status"] != "ok"]
+assert not bad, bad
+assert all(r["median_step_s"] > 0 and r["peak_step_gb"] > 0 for r in doc["rows"]), doc["rows"]
+assert len(doc["targets"]) == 4, doc["targets"]
+print(f"    sd_v1_unlearn JSON ok ({len(doc['rows'])} cases)")
+PYEOF
+
 echo "--- gpu_oracle_check.py --tiny on the CPU (the script gpu_suite.sh runs; cpp backend here)"
 "$PY" benchmarks/gpu_oracle_check.py --device cpu --backends cpp,torch --tiny --out "$OUTDIR/oracle.json" \
   || { echo "smoke.sh: gpu_oracle_check.py failed" >&2; exit 1; }

@@ -75,8 +75,17 @@ def engine_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def sd_v1_table(path: Path) -> str:
+    """``sd_v1_unlearn.py``'s result file, rendered by that script."""
+    sys.path.insert(0, str(ROOT))
+    import sd_v1_unlearn
+
+    return sd_v1_unlearn.render_markdown(json.loads(path.read_text()))
+
+
 def build(files) -> str:
-    blocks = [engine_table(p) if "engine" in p.stem else kernel_table(p) for p in files]
+    blocks = [sd_v1_table(p) if p.stem.startswith("cpu-sd-v1") else engine_table(p) if "engine" in p.stem
+              else kernel_table(p) for p in files]
     blocks = [b for b in blocks if b]
     if not any("gpu" in p.name for p in files):
         blocks.append("GPU (H200 or other): not measured — no GPU run has been made yet; "
@@ -84,12 +93,18 @@ def build(files) -> str:
     return "\n\n".join(blocks)
 
 
+def default_files():
+    """The result files the README's block is built from (the CI smoke's ``-tiny`` files are not among them)."""
+    return sorted(p for p in RESULTS.glob("*.json")
+                  if p.stem.startswith(("cpu-2t-target", "cpu-engine", "cpu-sd-v1", "gpu-")) and not p.stem.endswith("-tiny"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", action="store_true", help="update README.md between the markers")
     parser.add_argument("files", nargs="*", type=Path, help="result JSON files (default: the README set)")
     args = parser.parse_args(argv)
-    files = args.files or sorted(p for p in RESULTS.glob("*.json") if p.stem.startswith(("cpu-2t-target", "cpu-engine", "gpu-")))
+    files = args.files or default_files()
     table = build(files)
     if not args.write:
         print(table)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_mixture_noise  # noqa: E402
 import bench_siss_loss  # noqa: E402
 import harness as H  # noqa: E402
+import kernel_bench as K  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 
@@ -48,11 +49,11 @@ def _device() -> torch.device:
 def _cases(op: str):
     module = BENCHES[op]
     device = _device()
-    plan = H.Plan(device=device, shapes=[SHAPE], dtypes=[DTYPE], modes=list(module.MODES),
+    plan = K.Plan(device=device, shapes=[SHAPE], dtypes=[DTYPE], modes=list(module.MODES),
                   providers=list(module.PROVIDERS), repeats=3 if TINY else 15,
                   compile_backend="aot_eager" if TINY else "inductor", min_sample_ms=1.0 if TINY else 20.0,
                   rep_ms=20.0 if TINY else 100.0, tiny=TINY)
-    H.configure_compile()
+    K.configure_compile()
     return {case.mode: case for case in module.build_cases(SHAPE, DTYPE, plan)}
 
 

@@ -34,7 +34,7 @@ Per process: in data-parallel runs rank 0 validates while the other ranks wait, 
 micro-batch. None of these counts depends on the model's size: Stable Diffusion v1 with the same defaults has the
 same ratio. What does depend on the size is the *cost per call*, so for SD-v1 the VAE decode of each validation sample
 (not a UNet forward) is also converted into UNet forward-equivalents by FLOPs (``torch.utils.flop_counter`` on
-meta-device models of SD-v1's configuration, 512x512, as in ``bench_engine.build_sd_v1``; no weights, seconds).
+meta-device models of SD-v1's configuration, 512x512, as in ``sd_v1_model.build_sd_v1``; no weights, seconds).
 
 Wall-clock seconds inside the validator and inside the optimizer steps are reported too, labelled for what they are:
 tiny-model CPU time, not a claim about SD-v1 on a GPU.
@@ -57,6 +57,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd_v1_model import SD_V1_UNET, SD_V1_VAE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
@@ -307,17 +310,6 @@ def summarize(counter: ForwardCounter, resolved: Dict[str, Any], records: List[D
 # ------------------------------------------------------------------------------------------------------ SD-v1 FLOPs
 
 
-SD_V1_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                  block_out_channels=(320, 640, 1280, 1280),
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
-                  attention_head_dim=8, norm_num_groups=32, act_fn="silu", center_input_sample=False,
-                  downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1)
-SD_V1_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                 layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-
-
 def sd_v1_flops() -> Dict[str, Any]:
     """FLOPs (torch.utils.flop_counter: matmuls, convolutions, attention) of one SD-v1 UNet sample-forward, one
     sample forward + backward, and one VAE decode (64x64 latents -> 512x512), on meta-device models (no weights)."""
@@ -341,7 +333,7 @@ def sd_v1_flops() -> Dict[str, Any]:
     return {"unet_forward_gflops": fwd / 1e9, "unet_forward_backward_gflops": train / 1e9,
             "unet_forward_backward_in_fe": train / fwd, "vae_decode_gflops": dec / 1e9,
             "vae_decode_in_unet_fe": dec / fwd,
-            "note": "SD-v1 configuration (bench_engine.build_sd_v1), 512x512 images, 64x64 latents, 77 text tokens; "
+            "note": "SD-v1 configuration (sd_v1_model.build_sd_v1), 512x512 images, 64x64 latents, 77 text tokens; "
                     "FLOPs of matmuls/convolutions/attention (torch.utils.flop_counter), norms and elementwise ops "
                     "not counted"}
 

@@ -7,6 +7,9 @@
 // Importing siss_fast._C runs the static registrations below; the module itself only carries build facts.
 #include <Python.h>
 
+#include <initializer_list>
+
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -18,6 +21,14 @@
 #endif
 
 namespace siss_fast {
+namespace {
+
+void check_same_device(std::initializer_list<const at::Tensor*> tensors, const at::Device& device,
+                       const char* op_name) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->device() == device, op_name, ": all tensors must be on ", device, ", got one on ", t->device());
+  }
+}
 
 Prepared prepare_loss_args(const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0,
                            const at::Tensor& a0, const at::Tensor& gamma, const at::Tensor& sigma,
@@ -37,19 +48,54 @@ Prepared prepare_loss_args(const at::Tensor& pred, const at::Tensor& noisy, cons
               ": gamma and sigma must have shape (", batch, ",), got ", gamma.sizes(), " and ", sigma.sizes());
   TORCH_CHECK(gamma.scalar_type() == acc && sigma.scalar_type() == acc, op_name, ": gamma and sigma must be ", acc,
               " (the accumulation dtype), got ", gamma.scalar_type(), " and ", sigma.scalar_type());
-  const auto device = pred.device();
-  for (const at::Tensor* t : {&noisy, &x0, &a0, &gamma, &sigma}) {
-    TORCH_CHECK(t->device() == device, op_name, ": all tensors must be on ", device, ", got one on ", t->device());
+  check_same_device({&noisy, &x0, &a0, &gamma, &sigma}, pred.device(), op_name);
+  return Prepared{pred.contiguous(), noisy.contiguous(), x0.contiguous(), a0.contiguous(),
+                  gamma.contiguous(), sigma.contiguous(), batch, pred.numel() / batch};
+}
+
+// Coerce a (B,) vector to a contiguous tensor of `dtype` (upstream gradients may be expanded scalars).
+at::Tensor per_sample_vector(const at::Tensor& v, int64_t batch, at::ScalarType dtype, const char* name,
+                             const char* op_name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == batch, op_name, ": ", name, " must have shape (", batch, ",), got ",
+              v.sizes());
+  if (v.scalar_type() == dtype && v.is_contiguous()) {
+    return v;  // the common case (the Python registry passes contiguous vectors): no dispatcher round trips
   }
-  Prepared p;
-  p.pred = pred.contiguous();
-  p.noisy = noisy.contiguous();
-  p.x0 = x0.contiguous();
-  p.a0 = a0.contiguous();
-  p.gamma = gamma.contiguous();
-  p.sigma = sigma.contiguous();
-  p.batch = batch;
-  p.numel = batch == 0 ? 0 : pred.numel() / batch;
+  return v.to(dtype).contiguous();
+}
+
+}  // namespace
+
+PreparedForward prepare_loss_forward(const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0,
+                                     const at::Tensor& a0, const at::Tensor& gamma, const at::Tensor& sigma,
+                                     double lambd, const std::optional<double>& weight_clip, const char* op_name) {
+  TORCH_CHECK(lambd >= 0.0 && lambd <= 1.0, op_name, ": lambd must be in [0, 1], got ", lambd);
+  TORCH_CHECK(!weight_clip.has_value() || *weight_clip > 0.0, op_name, ": weight_clip must be > 0, got ",
+              *weight_clip);
+  PreparedForward f;
+  f.in = prepare_loss_args(pred, noisy, x0, a0, gamma, sigma, op_name);
+  f.params = make_weight_params(lambd, weight_clip, f.in.gamma.scalar_type());
+  const auto vec_options = f.in.gamma.options();
+  for (at::Tensor* out : {&f.ell_x, &f.ell_a, &f.w_x, &f.w_a}) {
+    *out = at::empty({f.in.batch}, vec_options);
+  }
+  return f;
+}
+
+PreparedBackward prepare_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a,
+                                       const at::Tensor& w_x, const at::Tensor& w_a, const at::Tensor& pred,
+                                       const at::Tensor& noisy, const at::Tensor& x0, const at::Tensor& a0,
+                                       const at::Tensor& gamma, const at::Tensor& sigma, const char* op_name) {
+  PreparedBackward p;
+  p.in = prepare_loss_args(pred, noisy, x0, a0, gamma, sigma, op_name);
+  check_same_device({&grad_ell_x, &grad_ell_a, &w_x, &w_a}, pred.device(), op_name);
+  const int64_t batch = p.in.batch;
+  const at::ScalarType acc = p.in.gamma.scalar_type();
+  p.grad_x = per_sample_vector(grad_ell_x, batch, acc, "grad_ell_x", op_name);
+  p.grad_a = per_sample_vector(grad_ell_a, batch, acc, "grad_ell_a", op_name);
+  p.w_x = per_sample_vector(w_x, batch, acc, "w_x", op_name);
+  p.w_a = per_sample_vector(w_a, batch, acc, "w_a", op_name);
+  p.out = at::empty(p.in.pred.sizes(), p.in.pred.options());
   return p;
 }
 
@@ -69,36 +115,10 @@ PreparedMixture prepare_mixture_args(const at::Tensor& x0, const at::Tensor& a0,
               op_name, ": gamma, sigma, mask must have shape (", batch, ",)");
   TORCH_CHECK(gamma.scalar_type() == acc && sigma.scalar_type() == acc, op_name, ": gamma and sigma must be ", acc);
   TORCH_CHECK(mask.scalar_type() == at::kBool, op_name, ": mask must be bool, got ", mask.scalar_type());
-  for (const at::Tensor* t : {&a0, &noise, &gamma, &sigma, &mask}) {
-    TORCH_CHECK(t->device() == x0.device(), op_name, ": all tensors must be on ", x0.device(), ", got one on ",
-                t->device());
-  }
-  PreparedMixture p;
-  p.x0 = x0.contiguous();
-  p.a0 = a0.contiguous();
-  p.noise = noise.contiguous();
-  p.gamma = gamma.contiguous();
-  p.sigma = sigma.contiguous();
-  p.mask = mask.contiguous();
-  p.batch = batch;
-  p.numel = x0.numel() / batch;
-  return p;
-}
-
-void check_loss_scalars(double lambd, const std::optional<double>& weight_clip, const char* op_name) {
-  TORCH_CHECK(lambd >= 0.0 && lambd <= 1.0, op_name, ": lambd must be in [0, 1], got ", lambd);
-  TORCH_CHECK(!weight_clip.has_value() || *weight_clip > 0.0, op_name, ": weight_clip must be > 0, got ",
-              *weight_clip);
-}
-
-at::Tensor per_sample_vector(const at::Tensor& v, int64_t batch, at::ScalarType dtype, const char* name,
-                             const char* op_name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == batch, op_name, ": ", name, " must have shape (", batch, ",), got ",
-              v.sizes());
-  if (v.scalar_type() == dtype && v.is_contiguous()) {
-    return v;  // the common case (the Python registry passes contiguous vectors): no dispatcher round trips
-  }
-  return v.to(dtype).contiguous();
+  check_same_device({&a0, &noise, &gamma, &sigma, &mask}, x0.device(), op_name);
+  const at::Tensor x0c = x0.contiguous();
+  return PreparedMixture{x0c, a0.contiguous(), noise.contiguous(), gamma.contiguous(), sigma.contiguous(),
+                         mask.contiguous(), at::empty(x0c.sizes(), x0c.options()), batch, x0.numel() / batch};
 }
 
 }  // namespace siss_fast

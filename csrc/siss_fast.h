@@ -218,22 +218,55 @@ C10_HOST_DEVICE inline double exact_term(double c, double r) {
   return c == 0.0 || r == 0.0 ? 0.0 : c * r;
 }
 
+// One element of dpred on the exact path (coef.exact_path: an infinite weight, or a coefficient beyond the
+// dtype's range): each residual and term in double, 0 where r == 0. p, m, x, a are the inputs widened to double
+// through the accumulation dtype; the caller rounds the result to the accumulation dtype, then to pred's.
+C10_HOST_DEVICE inline double exact_gradient(const BackwardCoefficients& coef, double p, double m, double x, double a,
+                                             double g, double sigma) {
+  const double r_x = p - (m - g * x) / sigma;
+  const double r_a = p - (m - g * a) / sigma;
+  return exact_term(coef.c_x, r_x) + exact_term(coef.c_a, r_a);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Argument normalisation shared by the backends (the Python registry validates user input first; these checks
-// keep a direct torch.ops call from reading out of bounds). Returns contiguous tensors.
+// keep a direct torch.ops call from reading out of bounds): each prepare_* checks the arguments, makes the tensors
+// contiguous and allocates the outputs (csrc/ops.cpp).
 // ---------------------------------------------------------------------------------------------------------------
 struct Prepared {
-  at::Tensor pred, noisy, x0, a0, gamma, sigma;
+  at::Tensor pred, noisy, x0, a0, gamma, sigma;  // gamma, sigma: (B,) of the accumulation dtype
   int64_t batch = 0;
   int64_t numel = 0;  // D, elements per sample
 };
 
-Prepared prepare_loss_args(const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0,
-                           const at::Tensor& a0, const at::Tensor& gamma, const at::Tensor& sigma,
-                           const char* op_name);
+// The forward's inputs, its weight parameters (lambd in [0, 1], weight_clip absent or > 0) and its four (B,)
+// outputs of the accumulation dtype.
+struct PreparedForward {
+  Prepared in;
+  WeightParams params;
+  at::Tensor ell_x, ell_a, w_x, w_a;
+};
+
+PreparedForward prepare_loss_forward(const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0,
+                                     const at::Tensor& a0, const at::Tensor& gamma, const at::Tensor& sigma,
+                                     double lambd, const std::optional<double>& weight_clip, const char* op_name);
+
+// The backward's inputs, the upstream gradients and weights as contiguous (B,) vectors of the accumulation dtype
+// (upstream gradients may be expanded scalars), and the (B, D) output like pred.
+struct PreparedBackward {
+  Prepared in;
+  at::Tensor grad_x, grad_a, w_x, w_a;
+  at::Tensor out;
+};
+
+PreparedBackward prepare_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a,
+                                       const at::Tensor& w_x, const at::Tensor& w_a, const at::Tensor& pred,
+                                       const at::Tensor& noisy, const at::Tensor& x0, const at::Tensor& a0,
+                                       const at::Tensor& gamma, const at::Tensor& sigma, const char* op_name);
 
 struct PreparedMixture {
   at::Tensor x0, a0, noise, gamma, sigma, mask;
+  at::Tensor out;  // like x0
   int64_t batch = 0;
   int64_t numel = 0;  // D, elements per sample
 };
@@ -242,41 +275,48 @@ PreparedMixture prepare_mixture_args(const at::Tensor& x0, const at::Tensor& a0,
                                      const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask,
                                      const char* op_name);
 
-// lambd in [0, 1], weight_clip absent or > 0.
-void check_loss_scalars(double lambd, const std::optional<double>& weight_clip, const char* op_name);
+// Raw views of the prepared (contiguous) loss inputs, as the kernels of either backend take them.
+struct LossInputs {
+  const void* pred;   // (B, D) of pred_dtype
+  const void* noisy;  // (B, D) of latent_dtype, likewise x0 and a0
+  const void* x0;
+  const void* a0;
+  const void* gamma;  // (B,) of the accumulation dtype (fp32, fp64 when everything is fp64), likewise sigma
+  const void* sigma;
+  at::ScalarType pred_dtype;
+  at::ScalarType latent_dtype;
+  int64_t batch;
+  int64_t numel;  // D, elements per sample (the forward accepts 0, the backward is not called then)
+};
 
-// Coerce a (B,) vector to a contiguous tensor of `dtype` (upstream gradients may be expanded scalars).
-at::Tensor per_sample_vector(const at::Tensor& v, int64_t batch, at::ScalarType dtype, const char* name,
-                             const char* op_name);
+inline LossInputs loss_inputs(const Prepared& t) {
+  return LossInputs{t.pred.const_data_ptr(), t.noisy.const_data_ptr(), t.x0.const_data_ptr(),
+                    t.a0.const_data_ptr(),   t.gamma.const_data_ptr(), t.sigma.const_data_ptr(),
+                    t.pred.scalar_type(),    t.noisy.scalar_type(),    t.batch,
+                    t.numel};
+}
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backend entry points (csrc/cpu/*.cpp, csrc/cuda/*.cu).
+// Backend entry points (csrc/cpu/*.cpp, csrc/cuda/*.cu): the same three functions in namespace cpu and cuda.
 // ---------------------------------------------------------------------------------------------------------------
-namespace cpu {
-at::Tensor mixture_noise(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& noise,
-                         const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(
-    const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0, const at::Tensor& a0,
-    const at::Tensor& gamma, const at::Tensor& sigma, double lambd, std::optional<double> weight_clip);
-at::Tensor siss_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a, const at::Tensor& w_x,
-                              const at::Tensor& w_a, const at::Tensor& pred, const at::Tensor& noisy,
-                              const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& gamma,
-                              const at::Tensor& sigma);
-}  // namespace cpu
+#define SISS_FAST_DECLARE_BACKEND(backend)                                                                     \
+  namespace backend {                                                                                          \
+  at::Tensor mixture_noise(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& noise,                \
+                           const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask);          \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(                                \
+      const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0, const at::Tensor& a0,             \
+      const at::Tensor& gamma, const at::Tensor& sigma, double lambd, std::optional<double> weight_clip);      \
+  at::Tensor siss_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a,                    \
+                                const at::Tensor& w_x, const at::Tensor& w_a, const at::Tensor& pred,          \
+                                const at::Tensor& noisy, const at::Tensor& x0, const at::Tensor& a0,           \
+                                const at::Tensor& gamma, const at::Tensor& sigma);                             \
+  }
 
+SISS_FAST_DECLARE_BACKEND(cpu)
 #ifdef SISS_FAST_WITH_CUDA
-namespace cuda {
-at::Tensor mixture_noise(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& noise,
-                         const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(
-    const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0, const at::Tensor& a0,
-    const at::Tensor& gamma, const at::Tensor& sigma, double lambd, std::optional<double> weight_clip);
-at::Tensor siss_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a, const at::Tensor& w_x,
-                              const at::Tensor& w_a, const at::Tensor& pred, const at::Tensor& noisy,
-                              const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& gamma,
-                              const at::Tensor& sigma);
-}  // namespace cuda
+SISS_FAST_DECLARE_BACKEND(cuda)
 #endif
+#undef SISS_FAST_DECLARE_BACKEND
 
 // ---------------------------------------------------------------------------------------------------------------
 // dtype dispatch: calls f(pred_tag, latent_tag, acc_tag) with value-initialised tags of the element types.
@@ -320,6 +360,36 @@ inline void dispatch_dtypes(at::ScalarType pred, at::ScalarType latent, const ch
     default:
       TORCH_CHECK(false, op_name, ": unsupported pred dtype ", pred);
   }
+}
+
+// The loss inputs as typed pointers, for one (pred, latent, accumulation) dtype combination.
+template <typename acc_type, typename pred_type, typename lat_type>
+struct TypedLossInputs {
+  using acc_t = acc_type;
+  using pred_t = pred_type;
+  using lat_t = lat_type;
+  const pred_t* pred;
+  const lat_t* noisy;
+  const lat_t* x0;
+  const lat_t* a0;
+  const acc_t* gamma;
+  const acc_t* sigma;
+  int64_t batch;
+  int64_t numel;
+};
+
+// dtype dispatch of the loss kernels: calls f(TypedLossInputs<acc_t, pred_t, lat_t>) with `in` cast to its types.
+template <typename F>
+inline void dispatch_loss(const LossInputs& in, const char* op_name, F&& f) {
+  dispatch_dtypes(in.pred_dtype, in.latent_dtype, op_name, [&](auto pred_tag, auto lat_tag, auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    using pred_t = decltype(pred_tag);
+    using lat_t = decltype(lat_tag);
+    f(TypedLossInputs<acc_t, pred_t, lat_t>{
+        static_cast<const pred_t*>(in.pred), static_cast<const lat_t*>(in.noisy), static_cast<const lat_t*>(in.x0),
+        static_cast<const lat_t*>(in.a0), static_cast<const acc_t*>(in.gamma), static_cast<const acc_t*>(in.sigma),
+        in.batch, in.numel});
+  });
 }
 
 }  // namespace siss_fast

@@ -9,7 +9,7 @@ once. An explicitly requested backend that is unavailable, or that cannot run on
 :class:`BackendUnavailableError` naming what is missing. Nothing here probes the GPU or imports Triton at import time.
 
 Each backend is a :class:`Backend` record (name, devices, availability check with its reason, the op
-implementations, where ``auto`` considers it); tests (tests/conftest.py) and benchmarks (benchmarks/harness.py)
+implementations, where ``auto`` considers it); tests (tests/conftest.py) and benchmarks (benchmarks/kernel_bench.py)
 enumerate :func:`backend_names`. Adding a backend is its module plus one :func:`register_backend` call::
 
     register_backend(Backend("mine", ("cuda",), check=lambda device_type: (True, "mine"), load=lambda: my_module,

@@ -43,7 +43,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                             relearn_every=args.relearn_every, relearn_samples=args.relearn_samples, seed=args.seed,
                             out=args.out, sampler_steps=args.sampler_steps, batch_size=args.batch_size,
                             max_forget_rate=args.max_forget_rate, max_relearn_rate=args.max_relearn_rate,
-                            device=args.device, plots=not args.no_plots, control=args.control)
+                            device=args.device, plots=not args.no_plots, control=args.control,
+                            relearn_lr=args.relearn_lr, relearn_batch=args.relearn_batch,
+                            perturb_samples=args.perturb_samples, max_perturbed_rate=args.max_perturbed_rate)
     except VerifyError as exc:
         print(f"siss-fast verify: {exc}", file=sys.stderr)
         return 2
@@ -54,17 +56,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _add_verify(sub) -> None:
     verify = sub.add_parser(
-        "verify", help="audit a finished run: fresh-seed forget rates, membership, relearning probe (exit 1: a "
-        "threshold failed, 2: the run cannot be audited)",
-        description="Proof of deletion for a finished pixel-DDPM run: checks final/ against the manifest, "
-        "re-measures each forget item on fresh seeds (Clopper-Pearson 95 %% intervals), its membership percentile, "
-        "and a retain-only relearning probe; writes verify.json, verify.md and a picture per item.")
+        "verify", help="audit a finished run: fresh-seed forget rates, membership, relearning probe, prompt "
+        "perturbations (exit 1: a threshold failed, 2: the run cannot be audited)",
+        description="Proof of deletion for a finished run (pixel DDPM or Stable Diffusion): checks final/ against "
+        "the manifest, re-measures each forget item on fresh seeds (Stable Diffusion: with its own prompt; "
+        "Clopper-Pearson 95 %% intervals), its membership percentile, a retain-only relearning probe and, for "
+        "Stable Diffusion, a prompt perturbation probe; writes verify.json, verify.md and a picture per item.")
     verify.add_argument("run_dir", help="the run's output_dir (holds manifest.json and final/)")
-    verify.add_argument("--samples", type=int, default=1000, help="fresh samples per model (default 1000)")
+    verify.add_argument("--samples", type=int, default=None, help="fresh samples per model (default 1000; Stable "
+                        "Diffusion: 128 per forget prompt)")
     verify.add_argument("--relearn-steps", type=int, default=100, help="retain-only fine-tune steps (default 100)")
     verify.add_argument("--relearn-every", type=int, default=25, help="re-measure every N steps (default 25)")
     verify.add_argument("--relearn-samples", type=int, default=None, help="samples per relearning point "
-                        "(default 250, at most --samples)")
+                        "(default 250; Stable Diffusion 32; at most --samples)")
+    verify.add_argument("--relearn-lr", type=float, default=None, help="learning rate of the relearning "
+                        "fine-tune (default: the engine's for the model kind: 1e-4 pixel, 1e-5 Stable Diffusion)")
+    verify.add_argument("--relearn-batch", type=int, default=None, help="batch of the relearning fine-tune "
+                        "(default: the engine's for the model kind: 64 pixel, 8 Stable Diffusion)")
+    verify.add_argument("--perturb-samples", type=int, default=None, help="Stable Diffusion: samples per "
+                        "perturbed prompt (default 16, at most --samples; 0: no prompt perturbation probe)")
     verify.add_argument("--seed", type=int, default=None, help="base seed (default: the smallest seed disjoint "
                         "from the run's validation seeds; a colliding one is refused)")
     verify.add_argument("--out", default=None, help="output folder (default RUN_DIR/verify)")
@@ -74,6 +84,9 @@ def _add_verify(sub) -> None:
                         help="fail (exit 1) when an item's fresh-seed rate under the final model exceeds this")
     verify.add_argument("--max-relearn-rate", type=float, default=None,
                         help="fail (exit 1) when an item's rate along the relearning probe exceeds this")
+    verify.add_argument("--max-perturbed-rate", type=float, default=None,
+                        help="Stable Diffusion: fail (exit 1) when a perturbed forget prompt's rate under the final "
+                        "model exceeds this")
     verify.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     verify.add_argument("--no-plots", action="store_true", help="write no pictures")
     verify.add_argument("--control", default=None, metavar="MODEL_DIR",

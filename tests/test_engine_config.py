@@ -88,7 +88,7 @@ def test_sd_prompt_errors(tmp_path):
     captions = tmp_path / "captions.tsv"
     captions.write_text("retain_00.png\ta caption\n")
     cfg["data"]["captions"] = str(captions)
-    _fails(cfg, r"data\.captions: no caption for \['retain_01\.png'")
+    _fails(cfg, r"data\.captions: '.*' has no caption for \['retain_01\.png'")
     cfg["data"].update(retain_prompt="a", forget_prompt="b")
     load_config(cfg)  # one prompt per set wins
 

@@ -197,3 +197,37 @@ def test_a_retrained_control_gets_its_own_relearning_curve(run_dir, tmp_path, ca
     with pytest.raises(VerifyError, match="--control"):
         verify_run(run_dir, samples=4, relearn_steps=0, plots=False, out=tmp_path / "x", control=tmp_path / "nope",
                    log=lambda *_: None)
+
+
+def test_a_metric_declares_its_own_seeds_and_verify_avoids_them(tmp_path):
+    """A metric registered with ``generator_seeds`` gets them recorded in the manifest (not hard-coded in the engine),
+    and verify's fresh seed avoids them: here they are the first chunk seed of verify's seed 1, so it takes 2."""
+    from siss_fast.engine import unlearn
+    from siss_fast.metrics.registry import register_metric, unregister_metric
+
+    register_metric("_seeded_probe", generator_seeds=lambda opts, n: [opts["base"] + k for k in range(n)])(
+        lambda ctx: (lambda samples: 0.0))
+    try:
+        out = tmp_path / "run"
+        unlearn(base_config(tiny_model("ddpm"), out, train={"steps": 1},
+                            validation={"every": 1, "num_samples": 2, "sampler_steps": 1, "batch_size": 2, "seed": 0,
+                                        "grids": False, "metrics": ["forget_nn", "_seeded_probe"],
+                                        "forget_metric": "forget_nn", "quality_metric": None,
+                                        "stop_on_target": False,
+                                        "metric_options": {"_seeded_probe": {"base": 100003}}}))
+        manifest = json.loads((out / "manifest.json").read_text())
+        record = manifest["validation_seeds"]
+        assert record["metrics"] == {"_seeded_probe": [100003, 100004]}  # two forget items; forget_nn draws none
+        assert record["undeclared"] == [] and record["generator_seeds"] == [0, 100003, 100004]
+        assert run_seeds({k: v for k, v in manifest.items() if k != "validation_seeds"})["generator_seeds"] == \
+            record["generator_seeds"]  # derived from the config by the same declarations
+        result = verify_run(out, samples=4, batch_size=4, relearn_steps=0, plots=False, out=tmp_path / "v",
+                            log=lambda *_: None)
+        assert result.report["seeds"]["verify_seed"] == 2
+        with pytest.raises(VerifyError, match="--seed 1"):
+            verify_run(out, samples=4, batch_size=4, relearn_steps=0, seed=1, plots=False, log=lambda *_: None)
+    finally:
+        unregister_metric("_seeded_probe")
+    # a manifest written before metrics declared seeds (no "undeclared" key) still reads
+    old = {"validation_seeds": {"sampler": None, "metrics": {"forget_probe": [0, 1]}, "generator_seeds": [0, 1]}}
+    assert run_seeds(old)["generator_seeds"] == [0, 1] and run_seeds(old)["undeclared"] == []

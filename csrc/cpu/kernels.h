@@ -28,19 +28,7 @@
 namespace siss_fast {
 namespace cpu {
 
-// Raw views of the prepared (contiguous) loss inputs.
-struct LossInputs {
-  const void* pred;   // (B, D) of pred_dtype
-  const void* noisy;  // (B, D) of latent_dtype, likewise x0 and a0
-  const void* x0;
-  const void* a0;
-  const void* gamma;  // (B,) of the accumulation dtype (fp32, fp64 when everything is fp64), likewise sigma
-  const void* sigma;
-  at::ScalarType pred_dtype;
-  at::ScalarType latent_dtype;
-  int64_t batch;
-  int64_t numel;  // D, elements per sample (the forward accepts 0, the backward is not called then)
-};
+// The loss kernels take LossInputs (siss_fast.h): raw views of the prepared (contiguous) loss tensors.
 
 // Forward: (ell_x, ell_a, w_x, w_a), each (B,) of the accumulation dtype.
 using SissLossForwardFn = void (*)(const LossInputs& in, const WeightParams& params, void* ell_x, void* ell_a,

@@ -1,29 +1,23 @@
-// CPU mixture forward noising (SPEC §3): the op entry point. It checks and normalises the tensors and runs the
-// kernel of the active CPU capability (csrc/cpu/mixture_noise_kernel.cpp, dispatched through kernels.h):
+// CPU mixture forward noising (SPEC §3): the op entry point. It checks and normalises the tensors and allocates
+// the output (prepare_mixture_args, csrc/ops.cpp), then runs the kernel of the active CPU capability
+// (csrc/cpu/mixture_noise_kernel.cpp, dispatched through kernels.h):
 //
 //   m = gamma * (mask ? a0 : x0) + sigma * noise
-#include <ATen/ops/empty.h>
-
 #include "../siss_fast.h"
 #include "kernels.h"
 
 namespace siss_fast {
 namespace cpu {
 
-at::Tensor mixture_noise(const at::Tensor& x0_in, const at::Tensor& a0_in, const at::Tensor& noise_in,
-                         const at::Tensor& gamma_in, const at::Tensor& sigma_in, const at::Tensor& mask_in) {
-  constexpr const char* op = "siss_fast::mixture_noise_ext";
-  const PreparedMixture t = prepare_mixture_args(x0_in, a0_in, noise_in, gamma_in, sigma_in, mask_in, op);
-  const at::Tensor &x0 = t.x0, &a0 = t.a0, &noise = t.noise, &gamma = t.gamma, &sigma = t.sigma, &mask = t.mask;
-  const int64_t batch = t.batch, numel = t.numel;
-  at::Tensor out = at::empty(x0.sizes(), x0.options());
-  if (numel == 0) {
-    return out;
+at::Tensor mixture_noise(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& noise,
+                         const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask) {
+  const PreparedMixture t = prepare_mixture_args(x0, a0, noise, gamma, sigma, mask, "siss_fast::mixture_noise_ext");
+  if (t.numel > 0) {
+    kernels().mixture_noise(t.x0.const_data_ptr(), t.a0.const_data_ptr(), t.noise.const_data_ptr(),
+                            t.gamma.const_data_ptr(), t.sigma.const_data_ptr(), t.mask.const_data_ptr<bool>(),
+                            t.out.mutable_data_ptr(), t.x0.scalar_type(), t.batch, t.numel);
   }
-  kernels().mixture_noise(x0.const_data_ptr(), a0.const_data_ptr(), noise.const_data_ptr(), gamma.const_data_ptr(),
-                          sigma.const_data_ptr(), mask.const_data_ptr<bool>(), out.mutable_data_ptr(),
-                          x0.scalar_type(), batch, numel);
-  return out;
+  return t.out;
 }
 
 }  // namespace cpu

@@ -68,15 +68,9 @@ void wide_sums(const pred_t* p, const lat_t* m, const lat_t* x, const lat_t* a, 
 }
 
 template <typename acc_t, typename pred_t, typename lat_t>
-void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc_t* ell_a, acc_t* w_x,
-             acc_t* w_a) {
+void forward(const TypedLossInputs<acc_t, pred_t, lat_t>& in, const WeightParams& params, acc_t* ell_x,
+             acc_t* ell_a, acc_t* w_x, acc_t* w_a) {
   constexpr int64_t width = Vec<acc_t>::size();
-  const auto* pred = static_cast<const pred_t*>(in.pred);
-  const auto* noisy = static_cast<const lat_t*>(in.noisy);
-  const auto* x0 = static_cast<const lat_t*>(in.x0);
-  const auto* a0 = static_cast<const lat_t*>(in.a0);
-  const auto* gamma = static_cast<const acc_t*>(in.gamma);
-  const auto* sigma = static_cast<const acc_t*>(in.sigma);
   const int64_t batch = in.batch, numel = in.numel;
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
   // partials[(b * chunks + c) * 3 + {0: delta, 1: sse_x, 2: sse_a}]
@@ -84,13 +78,13 @@ void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc
 
   for_each_chunk(batch, numel, [&](int64_t b, int64_t c, int64_t lo, int64_t hi) {
     const int64_t base = b * numel;
-    const pred_t* p = pred + base;
-    const lat_t* m = noisy + base;
-    const lat_t* x = x0 + base;
-    const lat_t* a = a0 + base;
-    const Vec<acc_t> g(gamma[b]);
-    const Vec<acc_t> neg_g(-gamma[b]);
-    const Vec<acc_t> neg_inv_s(-(acc_t(1) / sigma[b]));
+    const pred_t* p = in.pred + base;
+    const lat_t* m = in.noisy + base;
+    const lat_t* x = in.x0 + base;
+    const lat_t* a = in.a0 + base;
+    const Vec<acc_t> g(in.gamma[b]);
+    const Vec<acc_t> neg_g(-in.gamma[b]);
+    const Vec<acc_t> neg_inv_s(-(acc_t(1) / in.sigma[b]));
     // Two independent accumulator sets (even / odd vectors) hide the fma latency of the running sums.
     ForwardAccumulator<acc_t> even, odd;
     int64_t i = lo;
@@ -127,15 +121,15 @@ void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc
         sums[k] += static_cast<double>(partials[(b * chunks + c) * 3 + k]);
       }
     }
-    const double s = static_cast<double>(sigma[b]);
+    const double s = static_cast<double>(in.sigma[b]);
     bool usable[3];
     usable_sums(sums, s, static_cast<double>(numel), acc_is_double, usable);
     int exponents[3] = {0, 0, 0};
     if (!(usable[0] && usable[1] && usable[2])) {
       const int64_t base = b * numel;
       double wide[3];
-      wide_sums<acc_t>(pred + base, noisy + base, x0 + base, a0 + base, numel, static_cast<double>(gamma[b]), s,
-                       shift, wide);
+      wide_sums<acc_t>(in.pred + base, in.noisy + base, in.x0 + base, in.a0 + base, numel,
+                       static_cast<double>(in.gamma[b]), s, shift, wide);
       for (int k = 0; k < 3; ++k) {
         if (!usable[k]) {
           sums[k] = wide[k];
@@ -153,39 +147,32 @@ void forward(const LossInputs& in, const WeightParams& params, acc_t* ell_x, acc
 }
 
 template <typename acc_t, typename pred_t, typename lat_t>
-void backward(const LossInputs& in, const acc_t* grad_x, const acc_t* grad_a, const acc_t* weight_x,
-              const acc_t* weight_a, pred_t* out) {
+void backward(const TypedLossInputs<acc_t, pred_t, lat_t>& in, const acc_t* grad_x, const acc_t* grad_a,
+              const acc_t* weight_x, const acc_t* weight_a, pred_t* out) {
   constexpr int64_t width = Vec<acc_t>::size();
-  const auto* pred = static_cast<const pred_t*>(in.pred);
-  const auto* noisy = static_cast<const lat_t*>(in.noisy);
-  const auto* x0 = static_cast<const lat_t*>(in.x0);
-  const auto* a0 = static_cast<const lat_t*>(in.a0);
-  const auto* gamma = static_cast<const acc_t*>(in.gamma);
-  const auto* sigma = static_cast<const acc_t*>(in.sigma);
   const int64_t numel = in.numel;
   const double two_over_numel = 2.0 / static_cast<double>(numel);
   for_each_chunk(in.batch, numel, [&](int64_t b, int64_t /*chunk*/, int64_t lo, int64_t hi) {
     const int64_t base = b * numel;
-    const pred_t* p = pred + base;
-    const lat_t* m = noisy + base;
-    const lat_t* x = x0 + base;
-    const lat_t* a = a0 + base;
+    const pred_t* p = in.pred + base;
+    const lat_t* m = in.noisy + base;
+    const lat_t* x = in.x0 + base;
+    const lat_t* a = in.a0 + base;
     pred_t* dst = out + base;
     const BackwardCoefficients coef = backward_coefficients(grad_x[b], weight_x[b], grad_a[b], weight_a[b],
                                                             two_over_numel, std::is_same_v<acc_t, double>);
     if (coef.exact_path) {
-      // Infinite weight, or a coefficient beyond the dtype's range: each term in double, 0 where r == 0.
-      const double g = gamma[b], s = sigma[b];
+      // Infinite weight, or a coefficient beyond the dtype's range: each term in double (siss_fast.h).
+      const double g = in.gamma[b], s = in.sigma[b];
       for (int64_t i = lo; i < hi; ++i) {
-        const double pv = to_double<acc_t>(p[i]), mv = to_double<acc_t>(m[i]);
-        const double r_x = pv - (mv - g * to_double<acc_t>(x[i])) / s;
-        const double r_a = pv - (mv - g * to_double<acc_t>(a[i])) / s;
-        dst[i] = static_cast<pred_t>(static_cast<acc_t>(exact_term(coef.c_x, r_x) + exact_term(coef.c_a, r_a)));
+        const double r = exact_gradient(coef, to_double<acc_t>(p[i]), to_double<acc_t>(m[i]), to_double<acc_t>(x[i]),
+                                        to_double<acc_t>(a[i]), g, s);
+        dst[i] = static_cast<pred_t>(static_cast<acc_t>(r));
       }
       return;
     }
-    const Vec<acc_t> neg_g(-gamma[b]);
-    const Vec<acc_t> neg_inv_s(-(acc_t(1) / sigma[b]));
+    const Vec<acc_t> neg_g(-in.gamma[b]);
+    const Vec<acc_t> neg_inv_s(-(acc_t(1) / in.sigma[b]));
     // c = c' * 2^shift (siss_fast.h): c' in acc_t cannot overflow, and the power of two is exact.
     const acc_t cx = static_cast<acc_t>(coef.c_x);
     const acc_t ca = static_cast<acc_t>(coef.c_a);
@@ -239,25 +226,21 @@ void backward(const LossInputs& in, const acc_t* grad_x, const acc_t* grad_a, co
 
 void siss_loss_forward_kernel(const LossInputs& in, const WeightParams& params, void* ell_x, void* ell_a,
                               void* w_x, void* w_a) {
-  dispatch_dtypes(in.pred_dtype, in.latent_dtype, "siss_fast::siss_loss_forward_ext",
-                  [&](auto pred_tag, auto lat_tag, auto acc_tag) {
-                    using acc_t = decltype(acc_tag);
-                    forward<acc_t, decltype(pred_tag), decltype(lat_tag)>(
-                        in, params, static_cast<acc_t*>(ell_x), static_cast<acc_t*>(ell_a), static_cast<acc_t*>(w_x),
-                        static_cast<acc_t*>(w_a));
-                  });
+  dispatch_loss(in, "siss_fast::siss_loss_forward_ext", [&](const auto& typed) {
+    using acc_t = typename std::decay_t<decltype(typed)>::acc_t;
+    forward(typed, params, static_cast<acc_t*>(ell_x), static_cast<acc_t*>(ell_a), static_cast<acc_t*>(w_x),
+            static_cast<acc_t*>(w_a));
+  });
 }
 
 void siss_loss_backward_kernel(const LossInputs& in, const void* grad_x, const void* grad_a, const void* w_x,
                                const void* w_a, void* out) {
-  dispatch_dtypes(in.pred_dtype, in.latent_dtype, "siss_fast::siss_loss_backward_ext",
-                  [&](auto pred_tag, auto lat_tag, auto acc_tag) {
-                    using acc_t = decltype(acc_tag);
-                    using pred_t = decltype(pred_tag);
-                    backward<acc_t, pred_t, decltype(lat_tag)>(
-                        in, static_cast<const acc_t*>(grad_x), static_cast<const acc_t*>(grad_a),
-                        static_cast<const acc_t*>(w_x), static_cast<const acc_t*>(w_a), static_cast<pred_t*>(out));
-                  });
+  dispatch_loss(in, "siss_fast::siss_loss_backward_ext", [&](const auto& typed) {
+    using acc_t = typename std::decay_t<decltype(typed)>::acc_t;
+    using pred_t = typename std::decay_t<decltype(typed)>::pred_t;
+    backward(typed, static_cast<const acc_t*>(grad_x), static_cast<const acc_t*>(grad_a),
+             static_cast<const acc_t*>(w_x), static_cast<const acc_t*>(w_a), static_cast<pred_t*>(out));
+  });
 }
 
 }  // namespace SISS_CPU_CAPABILITY

@@ -10,6 +10,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
 
 namespace siss_fast {
 namespace cuda {
@@ -56,6 +59,19 @@ inline bool can_vectorize(int64_t numel, std::initializer_list<std::pair<const v
     }
   }
   return true;
+}
+
+// Runs launch(std::integral_constant<int, W>{}) with W = N when can_vectorize<N>, else W = 1 (element by element),
+// then checks the launch: `launch` starts the kernel instantiated for pack width W.
+template <int N, typename Launch>
+inline void launch_vectorized(int64_t numel, std::initializer_list<std::pair<const void*, size_t>> ptrs,
+                              Launch&& launch) {
+  if (can_vectorize<N>(numel, ptrs)) {
+    launch(std::integral_constant<int, N>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Grid over (chunk of a sample, sample): x = chunks per sample, y = samples (grid-strided past 65535).

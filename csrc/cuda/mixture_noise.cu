@@ -5,8 +5,6 @@
 // in the accumulation type (fp32, fp64 for fp64 inputs), one fma per element, rounded once to x0's dtype.
 // One block covers kChunk elements of one sample, so gamma, sigma and the per-sample source pointer are uniform
 // across the block (the mask never becomes a per-element branch).
-#include <ATen/ops/empty.h>
-
 #include "../siss_fast.h"
 #include "cuda_common.cuh"
 
@@ -44,40 +42,33 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-at::Tensor mixture_noise(const at::Tensor& x0_in, const at::Tensor& a0_in, const at::Tensor& noise_in,
-                         const at::Tensor& gamma_in, const at::Tensor& sigma_in, const at::Tensor& mask_in) {
+at::Tensor mixture_noise(const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& noise,
+                         const at::Tensor& gamma, const at::Tensor& sigma, const at::Tensor& mask) {
   constexpr const char* op = "siss_fast::mixture_noise_ext";
-  const c10::cuda::CUDAGuard guard(x0_in.device());
-  const PreparedMixture t = prepare_mixture_args(x0_in, a0_in, noise_in, gamma_in, sigma_in, mask_in, op);
-  const at::Tensor &x0 = t.x0, &a0 = t.a0, &noise = t.noise, &gamma = t.gamma, &sigma = t.sigma, &mask = t.mask;
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const PreparedMixture t = prepare_mixture_args(x0, a0, noise, gamma, sigma, mask, op);
   const int64_t batch = t.batch, numel = t.numel;
-  at::Tensor out = at::empty(x0.sizes(), x0.options());
   if (numel == 0) {
-    return out;
+    return t.out;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid = chunk_grid(batch, numel);
-  dispatch_dtypes(x0.scalar_type(), x0.scalar_type(), op, [&](auto, auto lat_tag, auto acc_tag) {
+  // pred's dtype plays no role here: dispatch on the latent dtype alone (pred tag = latent dtype).
+  dispatch_dtypes(t.x0.scalar_type(), t.x0.scalar_type(), op, [&](auto, auto lat_tag, auto acc_tag) {
     using lat_t = decltype(lat_tag);
     using acc_t = decltype(acc_tag);
     constexpr int N = vector_width<acc_t>();
-    const lat_t* x0_ptr = x0.const_data_ptr<lat_t>();
-    const lat_t* a0_ptr = a0.const_data_ptr<lat_t>();
-    const lat_t* noise_ptr = noise.const_data_ptr<lat_t>();
-    lat_t* out_ptr = out.mutable_data_ptr<lat_t>();
+    const lat_t* x0_ptr = t.x0.const_data_ptr<lat_t>();
+    const lat_t* a0_ptr = t.a0.const_data_ptr<lat_t>();
+    const lat_t* noise_ptr = t.noise.const_data_ptr<lat_t>();
+    lat_t* out_ptr = t.out.mutable_data_ptr<lat_t>();
     const size_t size = sizeof(lat_t);
-    if (can_vectorize<N>(numel, {{x0_ptr, size}, {a0_ptr, size}, {noise_ptr, size}, {out_ptr, size}})) {
-      mixture_noise_kernel<N, acc_t, lat_t><<<grid, kThreads, 0, stream>>>(
-          x0_ptr, a0_ptr, noise_ptr, gamma.const_data_ptr<acc_t>(), sigma.const_data_ptr<acc_t>(),
-          mask.const_data_ptr<bool>(), out_ptr, batch, numel);
-    } else {
-      mixture_noise_kernel<1, acc_t, lat_t><<<grid, kThreads, 0, stream>>>(
-          x0_ptr, a0_ptr, noise_ptr, gamma.const_data_ptr<acc_t>(), sigma.const_data_ptr<acc_t>(),
-          mask.const_data_ptr<bool>(), out_ptr, batch, numel);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_vectorized<N>(numel, {{x0_ptr, size}, {a0_ptr, size}, {noise_ptr, size}, {out_ptr, size}}, [&](auto width) {
+      mixture_noise_kernel<decltype(width)::value, acc_t, lat_t><<<chunk_grid(batch, numel), kThreads, 0, stream>>>(
+          x0_ptr, a0_ptr, noise_ptr, t.gamma.const_data_ptr<acc_t>(), t.sigma.const_data_ptr<acc_t>(),
+          t.mask.const_data_ptr<bool>(), out_ptr, batch, numel);
+    });
   });
-  return out;
+  return t.out;
 }
 
 }  // namespace cuda

@@ -167,15 +167,14 @@ __global__ void __launch_bounds__(kThreads)
     const BackwardCoefficients coef = backward_coefficients(grad_x[b], weight_x[b], grad_a[b], weight_a[b],
                                                             two_over_numel, std::is_same<acc_t, double>::value);
     if (coef.exact_path) {
-      // Infinite weight, or a coefficient beyond the dtype's range: each term in double, 0 where r == 0.
+      // Infinite weight, or a coefficient beyond the dtype's range: each term in double (siss_fast.h).
       const double gd = static_cast<double>(g), sd = static_cast<double>(sigma[b]);
       for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
-        const double p = static_cast<double>(static_cast<acc_t>(pred[base + i]));
-        const double m = static_cast<double>(static_cast<acc_t>(noisy[base + i]));
-        const double r_x = p - (m - gd * static_cast<double>(static_cast<acc_t>(x0[base + i]))) / sd;
-        const double r_a = p - (m - gd * static_cast<double>(static_cast<acc_t>(a0[base + i]))) / sd;
-        out[base + i] =
-            static_cast<pred_t>(static_cast<acc_t>(exact_term(coef.c_x, r_x) + exact_term(coef.c_a, r_a)));
+        const double r = exact_gradient(coef, static_cast<double>(static_cast<acc_t>(pred[base + i])),
+                                        static_cast<double>(static_cast<acc_t>(noisy[base + i])),
+                                        static_cast<double>(static_cast<acc_t>(x0[base + i])),
+                                        static_cast<double>(static_cast<acc_t>(a0[base + i])), gd, sd);
+        out[base + i] = static_cast<pred_t>(static_cast<acc_t>(r));
       }
       continue;
     }
@@ -212,100 +211,71 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siss_loss_forward(
-    const at::Tensor& pred_in, const at::Tensor& noisy_in, const at::Tensor& x0_in, const at::Tensor& a0_in,
-    const at::Tensor& gamma_in, const at::Tensor& sigma_in, double lambd, std::optional<double> weight_clip) {
+    const at::Tensor& pred, const at::Tensor& noisy, const at::Tensor& x0, const at::Tensor& a0,
+    const at::Tensor& gamma, const at::Tensor& sigma, double lambd, std::optional<double> weight_clip) {
   constexpr const char* op = "siss_fast::siss_loss_forward_ext";
-  check_loss_scalars(lambd, weight_clip, op);
-  const c10::cuda::CUDAGuard guard(pred_in.device());
-  const Prepared t = prepare_loss_args(pred_in, noisy_in, x0_in, a0_in, gamma_in, sigma_in, op);
-  const WeightParams params = make_weight_params(lambd, weight_clip, t.gamma.scalar_type());
-  const auto vec_options = t.gamma.options();
-  at::Tensor ell_x = at::empty({t.batch}, vec_options), ell_a = at::empty({t.batch}, vec_options);
-  at::Tensor w_x = at::empty({t.batch}, vec_options), w_a = at::empty({t.batch}, vec_options);
-  const int64_t chunks = (t.numel + kChunk - 1) / kChunk;
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const PreparedForward f = prepare_loss_forward(pred, noisy, x0, a0, gamma, sigma, lambd, weight_clip, op);
+  const int64_t batch = f.in.batch, numel = f.in.numel;
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
   // Workspace from the caching allocator, ordered on the current stream: no host synchronisation.
-  at::Tensor partials = at::empty({t.batch * chunks * 3}, vec_options);
+  at::Tensor partials = at::empty({batch * chunks * 3}, f.in.gamma.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtypes(t.pred.scalar_type(), t.noisy.scalar_type(), op, [&](auto pred_tag, auto lat_tag, auto acc_tag) {
-    using pred_t = decltype(pred_tag);
-    using lat_t = decltype(lat_tag);
-    using acc_t = decltype(acc_tag);
+  dispatch_loss(loss_inputs(f.in), op, [&](const auto& in) {
+    using T = std::decay_t<decltype(in)>;
+    using acc_t = typename T::acc_t;
     constexpr int N = vector_width<acc_t>();
-    const pred_t* pred = t.pred.const_data_ptr<pred_t>();
-    const lat_t* noisy = t.noisy.const_data_ptr<lat_t>();
-    const lat_t* x0 = t.x0.const_data_ptr<lat_t>();
-    const lat_t* a0 = t.a0.const_data_ptr<lat_t>();
     if (chunks > 0) {
-      const dim3 grid = chunk_grid(t.batch, t.numel);
-      if (can_vectorize<N>(t.numel, {{pred, sizeof(pred_t)}, {noisy, sizeof(lat_t)}, {x0, sizeof(lat_t)},
-                                     {a0, sizeof(lat_t)}})) {
-        siss_partials_kernel<N, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
-            pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(), t.sigma.const_data_ptr<acc_t>(), t.batch, t.numel,
-            partials.mutable_data_ptr<acc_t>());
-      } else {
-        siss_partials_kernel<1, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
-            pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(), t.sigma.const_data_ptr<acc_t>(), t.batch, t.numel,
-            partials.mutable_data_ptr<acc_t>());
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_vectorized<N>(numel, {{in.pred, sizeof(*in.pred)}, {in.noisy, sizeof(*in.noisy)},
+                                   {in.x0, sizeof(*in.x0)}, {in.a0, sizeof(*in.a0)}},
+                           [&](auto width) {
+                             siss_partials_kernel<decltype(width)::value, acc_t, typename T::pred_t, typename T::lat_t>
+                                 <<<chunk_grid(batch, numel), kThreads, 0, stream>>>(
+                                     in.pred, in.noisy, in.x0, in.a0, in.gamma, in.sigma, batch, numel,
+                                     partials.mutable_data_ptr<acc_t>());
+                           });
     }
-    siss_finish_kernel<acc_t, pred_t, lat_t><<<static_cast<unsigned>(t.batch), kFinishThreads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(),
-        t.sigma.const_data_ptr<acc_t>(), chunks, t.numel, params, ell_x.mutable_data_ptr<acc_t>(),
-        ell_a.mutable_data_ptr<acc_t>(), w_x.mutable_data_ptr<acc_t>(), w_a.mutable_data_ptr<acc_t>());
+    siss_finish_kernel<acc_t, typename T::pred_t, typename T::lat_t>
+        <<<static_cast<unsigned>(batch), kFinishThreads, 0, stream>>>(
+            partials.const_data_ptr<acc_t>(), in.pred, in.noisy, in.x0, in.a0, in.gamma, in.sigma, chunks, numel,
+            f.params, f.ell_x.mutable_data_ptr<acc_t>(), f.ell_a.mutable_data_ptr<acc_t>(),
+            f.w_x.mutable_data_ptr<acc_t>(), f.w_a.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {ell_x, ell_a, w_x, w_a};
+  return {f.ell_x, f.ell_a, f.w_x, f.w_a};
 }
 
-at::Tensor siss_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a, const at::Tensor& w_x_in,
-                              const at::Tensor& w_a_in, const at::Tensor& pred_in, const at::Tensor& noisy_in,
-                              const at::Tensor& x0_in, const at::Tensor& a0_in, const at::Tensor& gamma_in,
-                              const at::Tensor& sigma_in) {
+at::Tensor siss_loss_backward(const at::Tensor& grad_ell_x, const at::Tensor& grad_ell_a, const at::Tensor& w_x,
+                              const at::Tensor& w_a, const at::Tensor& pred, const at::Tensor& noisy,
+                              const at::Tensor& x0, const at::Tensor& a0, const at::Tensor& gamma,
+                              const at::Tensor& sigma) {
   constexpr const char* op = "siss_fast::siss_loss_backward_ext";
-  const c10::cuda::CUDAGuard guard(pred_in.device());
-  const Prepared t = prepare_loss_args(pred_in, noisy_in, x0_in, a0_in, gamma_in, sigma_in, op);
-  const at::ScalarType acc = t.gamma.scalar_type();
-  for (const at::Tensor* v : {&grad_ell_x, &grad_ell_a, &w_x_in, &w_a_in}) {
-    TORCH_CHECK(v->device() == t.pred.device(), op, ": all tensors must be on ", t.pred.device(), ", got one on ",
-                v->device());
-  }
-  const at::Tensor g_x = per_sample_vector(grad_ell_x, t.batch, acc, "grad_ell_x", op);
-  const at::Tensor g_a = per_sample_vector(grad_ell_a, t.batch, acc, "grad_ell_a", op);
-  const at::Tensor w_x = per_sample_vector(w_x_in, t.batch, acc, "w_x", op);
-  const at::Tensor w_a = per_sample_vector(w_a_in, t.batch, acc, "w_a", op);
-  at::Tensor out = at::empty(t.pred.sizes(), t.pred.options());
-  if (t.numel == 0) {
-    return out;
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const PreparedBackward t =
+      prepare_loss_backward(grad_ell_x, grad_ell_a, w_x, w_a, pred, noisy, x0, a0, gamma, sigma, op);
+  const int64_t batch = t.in.batch, numel = t.in.numel;
+  if (numel == 0) {
+    return t.out;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid = chunk_grid(t.batch, t.numel);
-  const double two_over_numel = 2.0 / static_cast<double>(t.numel);
-  dispatch_dtypes(t.pred.scalar_type(), t.noisy.scalar_type(), op, [&](auto pred_tag, auto lat_tag, auto acc_tag) {
-    using pred_t = decltype(pred_tag);
-    using lat_t = decltype(lat_tag);
-    using acc_t = decltype(acc_tag);
+  const double two_over_numel = 2.0 / static_cast<double>(numel);
+  dispatch_loss(loss_inputs(t.in), op, [&](const auto& in) {
+    using T = std::decay_t<decltype(in)>;
+    using acc_t = typename T::acc_t;
+    using pred_t = typename T::pred_t;
     constexpr int N = vector_width<acc_t>();
-    const pred_t* pred = t.pred.const_data_ptr<pred_t>();
-    const lat_t* noisy = t.noisy.const_data_ptr<lat_t>();
-    const lat_t* x0 = t.x0.const_data_ptr<lat_t>();
-    const lat_t* a0 = t.a0.const_data_ptr<lat_t>();
-    pred_t* dst = out.mutable_data_ptr<pred_t>();
-    if (can_vectorize<N>(t.numel, {{pred, sizeof(pred_t)}, {noisy, sizeof(lat_t)}, {x0, sizeof(lat_t)},
-                                   {a0, sizeof(lat_t)}, {dst, sizeof(pred_t)}})) {
-      siss_backward_kernel<N, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
-          g_x.const_data_ptr<acc_t>(), g_a.const_data_ptr<acc_t>(), w_x.const_data_ptr<acc_t>(),
-          w_a.const_data_ptr<acc_t>(), pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(),
-          t.sigma.const_data_ptr<acc_t>(), dst, t.batch, t.numel, two_over_numel);
-    } else {
-      siss_backward_kernel<1, acc_t, pred_t, lat_t><<<grid, kThreads, 0, stream>>>(
-          g_x.const_data_ptr<acc_t>(), g_a.const_data_ptr<acc_t>(), w_x.const_data_ptr<acc_t>(),
-          w_a.const_data_ptr<acc_t>(), pred, noisy, x0, a0, t.gamma.const_data_ptr<acc_t>(),
-          t.sigma.const_data_ptr<acc_t>(), dst, t.batch, t.numel, two_over_numel);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pred_t* dst = t.out.mutable_data_ptr<pred_t>();
+    launch_vectorized<N>(numel, {{in.pred, sizeof(pred_t)}, {in.noisy, sizeof(*in.noisy)}, {in.x0, sizeof(*in.x0)},
+                                 {in.a0, sizeof(*in.a0)}, {dst, sizeof(pred_t)}},
+                         [&](auto width) {
+                           siss_backward_kernel<decltype(width)::value, acc_t, pred_t, typename T::lat_t>
+                               <<<chunk_grid(batch, numel), kThreads, 0, stream>>>(
+                                   t.grad_x.const_data_ptr<acc_t>(), t.grad_a.const_data_ptr<acc_t>(),
+                                   t.w_x.const_data_ptr<acc_t>(), t.w_a.const_data_ptr<acc_t>(), in.pred, in.noisy,
+                                   in.x0, in.a0, in.gamma, in.sigma, dst, batch, numel, two_over_numel);
+                         });
   });
-  return out;
+  return t.out;
 }
 
 }  // namespace cuda

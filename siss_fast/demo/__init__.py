@@ -3,7 +3,9 @@
     siss-fast demo [--out DIR]            # measure, unlearn with SISS, measure, write DIR/report.md (a few minutes)
     siss-fast demo --compare              # every method of SPEC §5, same budget and seed, + pareto.png
     siss-fast demo --pretrain --out DIR   # re-train the shipped base model and classifier (seeded)
-    siss-fast demo --text-to-image        # a tiny Stable Diffusion memorizes one image for one prompt, then forgets it
+    siss-fast demo --text-to-image        # a tiny Stable Diffusion memorizes 3 images (a prompt each), forgets them
+                                          # all in one engine run
+    siss-fast demo --text-to-image --compare-separate   # ... and each in its own run, wall times side by side
     siss-fast report RUN_DIR              # rebuild RUN_DIR/report.md from RUN_DIR/report.json
 
 The command-line glue lives here (:func:`add_demo_arguments`, :func:`demo_main`, :func:`report_main`) so that
@@ -31,8 +33,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     mode.add_argument("--compare", action="store_true", help="run every method of SPEC §5 with the same budget")
     mode.add_argument("--pretrain", action="store_true", help="re-train the base model and classifier (seeded)")
     mode.add_argument("--text-to-image", action="store_true",
-                      help="a tiny Stable Diffusion built from configs memorizes one image for one prompt, then SISS "
-                      "unlearns it (default --out runs/demo-t2i)")
+                      help="a tiny Stable Diffusion built from configs memorizes several images, each for its own "
+                      "prompt, then SISS unlearns them all in one engine run (default --out runs/demo-t2i)")
     parser.add_argument("--model", default=None, help="base model folder written by --pretrain (default: shipped); "
                         "with --text-to-image: the base_model/ of an earlier run (skips building and memorizing)")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -50,6 +52,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"DDIM steps (default {d.sampler_steps}; text-to-image {t.sampler_steps})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-likelihood", action="store_true", help="skip the bits/dim bound")
+    t2i = parser.add_argument_group("text-to-image demo (--text-to-image)")
+    t2i.add_argument("--items", type=int, default=None,
+                     help=f"memorized items forgotten in one run (default {t.items}; 1: the T-shirt alone)")
+    t2i.add_argument("--compare-separate", action="store_true",
+                     help="also unlearn each item in its own engine run from the same base model and report the wall "
+                     "time of the combined run against the sum of the separate runs")
+    t2i.add_argument("--lora-rank", type=int, default=None,
+                     help="train LoRA adapters of this rank on the UNet (engine train.lora_rank; default: full UNet)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip siss-fast verify on the finished run (fresh seeds, membership, relearning)")
     return parser
@@ -92,6 +102,11 @@ def demo_main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int
 
         pretrain(Path(args.out or "runs/pretrain"), seed=args.seed)
         return 0
+    for flag in ("items", "lora_rank"):
+        if getattr(args, flag, None) is not None:
+            raise SystemExit(f"siss-fast demo: --{flag.replace('_', '-')} is for --text-to-image")
+    if getattr(args, "compare_separate", False):
+        raise SystemExit("siss-fast demo: --compare-separate is for --text-to-image (--compare: every method)")
     from .run import DemoConfig, run_compare, run_demo
 
     cfg = DemoConfig(out=args.out or ("runs/demo-compare" if args.compare else "runs/demo"), model=args.model,
@@ -115,8 +130,11 @@ def _text_to_image_main(args: argparse.Namespace, argv: List[str]) -> int:
 
     if args.no_likelihood:
         raise SystemExit("siss-fast demo --text-to-image: --no-likelihood is for the pixel demo (no bits/dim here)")
+    cfg_items = {} if args.items is None else {"items": args.items}
     cfg = T2IConfig(out=args.out or "runs/demo-t2i", model=args.model, seed=args.seed, threads=args.threads,
-                    max_steps=args.steps, num_samples=args.num_samples, sampler_steps=args.sampler_steps)
+                    max_steps=args.steps, num_samples=args.num_samples, sampler_steps=args.sampler_steps,
+                    compare_separate=args.compare_separate, lora_rank=args.lora_rank, verify=not args.no_verify,
+                    **cfg_items)
     if args.batch_size is not None:
         cfg = replace(cfg, batch_size=args.batch_size)
     if args.lr is not None:

@@ -28,7 +28,7 @@ from siss_fast.hashing import sha256_file
 from siss_fast.methods import get_method
 
 __all__ = ["say", "method_lambd", "method_record", "software_versions", "forget_items", "read_engine_manifest",
-           "write_run_record"]
+           "write_run_record", "audit_run"]
 
 
 def say(msg: str, start: float) -> None:
@@ -120,3 +120,29 @@ def write_run_record(run_dir: Path, report: Dict[str, Any], manifest: Dict[str, 
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, run_dir / "manifest.json")
     rebuild_report(run_dir)
+
+
+def audit_run(run_dir: Path, start: float, **verify_options: Any) -> Dict[str, Any]:
+    """``siss-fast verify`` on a demo's finished run (``RUN_DIR/verify/``, :func:`siss_fast.verify.verify_run` with
+    ``verify_options``); its headline numbers for the report's "Proof of deletion" section: ``{"folder", "passed",
+    "seed", "samples", "relearn_steps", "retain_fit_ratio", "seconds", "items": [{file, prompt (SD), base, final
+    (rate and 95 % interval), membership percentiles, relearning peak and return step, the controls'}],
+    "perturbation_max_final_rate" (SD)}``."""
+    from siss_fast.verify import verify_run
+
+    run_dir = Path(run_dir)
+    result = verify_run(run_dir, log=lambda message: say(message, start), **verify_options)
+    data = result.report
+    members = data["membership"]["items"]  # one row per forget item, in item order
+    items = [{"file": it["file"], "prompt": it.get("prompt"), "base": it["base"], "final": it["final"],
+              "membership_percentile": {k: members[it["item"]][f"percentile_{k}"] for k in ("base", "final")},
+              "relearn_peak_rate": it["relearn_peak_rate"], "returned_at_step": it["returned_at_step"],
+              "base_control_returned_at_step": it.get("base_control_returned_at_step"),
+              "retrained_peak_rate": it.get("control_peak_rate")} for it in data["items"]]
+    folder = result.out_dir
+    perturbation = data.get("perturbation") or {}
+    return {"folder": str(folder.relative_to(run_dir)) if run_dir in folder.parents else str(folder),
+            "passed": result.passed, "seed": data["seeds"]["verify_seed"], "samples": data["settings"]["samples"],
+            "relearn_steps": data["settings"]["relearn_steps"], "retain_fit_ratio": data["quality"]["retain_fit_ratio"],
+            "items": items, "perturbation_max_final_rate": perturbation.get("max_final_rate"),
+            "perturbation_samples": perturbation.get("samples"), "seconds": round(data["timings_s"]["total_s"], 1)}

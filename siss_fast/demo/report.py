@@ -169,28 +169,36 @@ def _fmt_rate(x: Optional[float]) -> str:
 
 
 def _verify_lines(v: Optional[Dict]) -> List[str]:
-    """The headline numbers of ``siss-fast verify`` on this run (its own report: ``FOLDER/verify.md``)."""
+    """The report's "Proof of deletion" section from the demo's ``audit_run`` summary of ``verify.json``."""
     if not v:
         return []
     folder = v["folder"]
+    prompts = any(it.get("prompt") for it in v["items"])
+    per = "per forget prompt and model" if prompts else "per model"
     lines = ["", "## Proof of deletion (`siss-fast verify`)", "",
-             f"{v['samples']} fresh samples per model from seed {v['seed']} (disjoint from every seed the stop rule "
-             f"used), then {v['relearn_steps']} steps of fine-tuning on the retained digits only: "
+             f"{v['samples']} fresh samples {per} from seed {v['seed']} (disjoint from every seed the stop rule "
+             f"used), then {v['relearn_steps']} steps of fine-tuning on the retain set only: "
              f"**{'PASSED' if v['passed'] else 'FAILED'}** in {v['seconds']} s; retain fit final/base "
              f"{v['retain_fit_ratio']:.4f}. Full report: [{folder}/verify.md]({folder}/verify.md).", "",
-             "| item | forget rate before [95 % CI] | after [95 % CI] | membership percentile before -> after | "
-             "peak rate while relearning (retrained without it) | back at step (base model: control) |",
-             "|---|---|---|---|---|---|"]
+             "| item | " + ("prompt | " if prompts else "") + "forget rate before [95 % CI] | after [95 % CI] | "
+             "membership percentile before -> after | peak rate while relearning (retrained without it) | "
+             "back at step (base model: control) |",
+             "|---|" + ("---|" if prompts else "") + "---|---|---|---|---|"]
 
     def rate(r: Dict) -> str:
         return f"{r['rate']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
 
     for it in v["items"]:
         pct = it["membership_percentile"]
-        lines.append(f"| {it['file']} | {rate(it['base'])} | {rate(it['final'])} | {pct['base']:.1f} -> "
+        lines.append(f"| {it['file']} | " + (f"{it.get('prompt') or ''} | " if prompts else "") +
+                     f"{rate(it['base'])} | {rate(it['final'])} | {pct['base']:.1f} -> "
                      f"{pct['final']:.1f} | {it['relearn_peak_rate']:.4f} ({_fmt_rate(it.get('retrained_peak_rate'))})"
                      f" | {_step(it['returned_at_step'])} "
-                     f"({_step(it['base_control_returned_at_step'])}) |")
+                     f"({_step(it.get('base_control_returned_at_step'))}) |")
+    if v.get("perturbation_max_final_rate") is not None:
+        lines += ["", f"Prompt perturbations (word dropout, synonyms, noise on the text embedding; "
+                      f"{v.get('perturbation_samples')} generations each): highest rate under the final model "
+                      f"{v['perturbation_max_final_rate']:.4f} (every variant: {folder}/verify.md)."]
     return lines
 
 

@@ -35,8 +35,8 @@ from siss_fast.methods import get_method, method_names
 
 from .data import DemoData, demo_data, to_unit
 from .report import rebuild_report
-from .record import (forget_items, method_lambd, method_record, read_engine_manifest, say, software_versions,
-                     write_run_record)
+from .record import (audit_run, forget_items, method_lambd, method_record, read_engine_manifest, say,
+                     software_versions, write_run_record)
 
 __all__ = ["DemoConfig", "compare_methods", "measure", "run_demo", "run_compare"]
 
@@ -239,28 +239,13 @@ def run_demo(cfg: DemoConfig, argv: Optional[List[str]] = None) -> Dict[str, Any
 
 
 def _verify(run_dir: Path, cfg: DemoConfig, start: float) -> Dict[str, Any]:
-    """``siss-fast verify`` on the demo's finished run (``RUN_DIR/verify/``); its headline numbers for the report:
-    ``{"folder", "passed", "items": [{file, base, final (rate, ci95), membership percentiles, relearn}], ...}``."""
-    from siss_fast.verify import verify_run
-
+    """``siss-fast verify`` on the demo's finished run, with the shipped twin retrained without the T-shirt as the
+    exact-unlearning control when the run used the shipped base model (:func:`~.record.audit_run`)."""
     from .models import SHIPPED_RETRAINED
 
-    # the shipped base model has a shipped twin retrained without the T-shirt: the exact-unlearning control
     control = SHIPPED_RETRAINED if cfg.model is None and (SHIPPED_RETRAINED / "unet").is_dir() else None
-    result = verify_run(run_dir, samples=cfg.verify_samples, relearn_steps=cfg.verify_relearn_steps,
-                        control=control, log=lambda message: say(message, start))
-    data = result.report
-    members = data["membership"]["items"]  # one row per forget item, in item order
-    items = [{"file": it["file"], "base": it["base"], "final": it["final"],
-              "membership_percentile": {k: members[it["item"]][f"percentile_{k}"] for k in ("base", "final")},
-              "relearn_peak_rate": it["relearn_peak_rate"], "returned_at_step": it["returned_at_step"],
-              "base_control_returned_at_step": it["base_control_returned_at_step"],
-              "retrained_peak_rate": it.get("control_peak_rate")} for it in data["items"]]
-    return {"folder": str(result.out_dir.relative_to(run_dir)) if run_dir in result.out_dir.parents else
-            str(result.out_dir), "passed": result.passed, "seed": data["seeds"]["verify_seed"],
-            "samples": data["settings"]["samples"], "relearn_steps": data["settings"]["relearn_steps"],
-            "retain_fit_ratio": data["quality"]["retain_fit_ratio"], "items": items,
-            "seconds": round(data["timings_s"]["total_s"], 1)}
+    return audit_run(run_dir, start, samples=cfg.verify_samples, relearn_steps=cfg.verify_relearn_steps,
+                     control=control)
 
 
 def _short(m: Dict) -> str:

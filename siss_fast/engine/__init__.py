@@ -8,7 +8,9 @@ Modules, each readable in one sitting:
 * :mod:`.setup` -- device, processes, optimizer, LR schedule, gradient combiner;
 * :mod:`.partition` -- the partitioned split (exact SISS gradient at about one backward);
 * :mod:`.step` -- one optimizer step (:class:`~.step.UnlearnStep`), public for custom loops and benchmarks;
-* :mod:`.loop` -- the steps, metrics, checkpoints, validation and stop decisions, outputs (``run``);
+* :mod:`.trainer` -- the run between its steps: resume, one step with its record and stop rules, validation,
+  checkpoints (:class:`~.trainer.Trainer`);
+* :mod:`.loop` -- the run's outline and its outputs (``run``);
 * :mod:`.checkpoint` -- atomic, hash-verified checkpoints and RNG states;
 * :mod:`.validation` -- DDIM samples with fixed seeds, the metric registry;
 * :mod:`.stop_rules` -- the forget target and the quality guard (:class:`~.stop_rules.StopRules`);

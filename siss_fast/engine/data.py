@@ -127,7 +127,8 @@ def resolve_prompts(data_cfg: Any, retain_files: Sequence[Path], forget_files: S
             raise DataError(f"{key}: Stable Diffusion needs prompts: give {key} or data.captions")
         missing = [f.name for f in files if f.name not in captions]
         if missing:
-            raise DataError(f"data.captions: no caption for {missing[:5]} (and give {key} to use one prompt)")
+            raise DataError(f"data.captions: {data_cfg.captions!r} has no caption for {missing[:5]} (and give {key} "
+                              f"to use one prompt)")
         out.append([captions[f.name] for f in files])
     return out[0], out[1]
 

@@ -28,9 +28,12 @@ section and ``benchmarks/results/``):
   ``num_samples`` samples of ``sampler_steps`` DDIM steps: reported, not rules.
 
 **sd** -- Stable Diffusion fine-tuning conventions (full-UNet lr 1e-5; batch 8 fits a 24 GB GPU in bf16 with
-gradient checkpointing), not calibrated on a memorised SD model. A check costs ``num_samples x sampler_steps`` UNet
-forwards (x2 with classifier-free guidance): 16 x 15 = 240 against ~240 forward-equivalents of training between checks
-(10 steps x batch 8 x ~3 for forward + backward), inside the issue's bound of 2x.
+gradient checkpointing), not calibrated on a memorised SD model. A check generates ``num_samples`` images per distinct
+forget prompt (each item is judged on its own prompt's generations, :func:`.validation.score_groups`) and costs
+``P x num_samples x sampler_steps`` UNet forwards for ``P`` prompts (x2 with classifier-free guidance): 16 x 15 =
+240 per prompt against ~240 forward-equivalents of training in 10 steps (batch 8 x ~3 for forward + backward). So
+that a run with ``P`` deletion requests stays inside the bound of 2x, ``validation.every`` left null is ``10 x P``
+(``validation.prompt`` set: one prompt, ``P = 1``).
 """
 
 from __future__ import annotations
@@ -52,14 +55,17 @@ VALIDATION_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def resolve_validation(v: Any, kind: str) -> Dict[str, Any]:
+def resolve_validation(v: Any, kind: str, prompts: int = 1) -> Dict[str, Any]:
     """The validation settings of ``v`` (a :class:`~.config.ValidationConfig`) with its nulls and ``"auto"`` names replaced by ``kind``'s defaults:
     ``{"every", "num_samples", "sampler_steps", "metrics", "forget_metric", "quality_metric", "quality_tolerance"}``.
     With ``metrics`` null, a forget / quality metric named explicitly joins the default list; a null tolerance is the
-    quality metric's registered one (:func:`siss_fast.metrics.registry.register_metric`)."""
+    quality metric's registered one (:func:`siss_fast.metrics.registry.register_metric`). SD: ``every`` null is the
+    default times ``prompts``, the number of distinct forget prompts a check generates for (module doc)."""
     d = VALIDATION_DEFAULTS[kind]
     out: Dict[str, Any] = {k: d[k] if getattr(v, k) is None else getattr(v, k)
                            for k in ("every", "num_samples", "sampler_steps")}
+    if kind == "sd" and v.every is None and getattr(v, "prompt", None) is None:
+        out["every"] = d["every"] * max(1, int(prompts))  # a check per prompt costs what 10 steps of training do
     names: Dict[str, Optional[str]] = {}
     for key in ("forget_metric", "quality_metric"):
         names[key] = d[key] if getattr(v, key) == "auto" else getattr(v, key)
@@ -76,12 +82,12 @@ def resolve_validation(v: Any, kind: str) -> Dict[str, Any]:
     return {**out, "metrics": metrics, **names, "quality_tolerance": tolerance}
 
 
-def apply_kind_defaults(cfg: Any, kind: str) -> Any:
+def apply_kind_defaults(cfg: Any, kind: str, prompts: int = 1) -> Any:
     """Fill ``cfg`` (an :class:`~.config.EngineConfig`, in place) for a model of ``kind``: ``train.batch_size`` / ``train.lr`` left null and
     ``train.ema_decay`` left ``auto`` from :data:`KIND_DEFAULTS`, the validation settings as :func:`resolve_validation`. Idempotent."""
     for key, value in KIND_DEFAULTS[kind].items():
         if getattr(cfg.train, key) in (None, "auto"):
             setattr(cfg.train, key, value)
-    for key, value in resolve_validation(cfg.validation, kind).items():
+    for key, value in resolve_validation(cfg.validation, kind, prompts).items():
         setattr(cfg.validation, key, value)
     return cfg

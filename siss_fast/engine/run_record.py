@@ -37,7 +37,6 @@ __all__ = ["FinishedRunError", "read_finished", "verify_final", "describe_finish
 FINISHED = "finished"
 MANIFEST_FORMAT = 1  # the layout of manifest.json written by this version (keys below); absent in older manifests
 SAMPLER_SEED_STRIDE = 100003  # siss_fast.metrics.sampling: chunk i of seed s draws from Generator(s * 100003 + i)
-PROBE_SEED_STRIDE = 1009  # siss_fast.metrics.forget_probe: item k of seed s draws from Generator(s * 1009 + k)
 
 
 class FinishedRunError(CheckpointError):
@@ -124,27 +123,31 @@ def validation_seeds(config: Dict[str, Any], n_forget: int) -> Dict[str, Any]:
     ``config.json``) draws from, with ``n_forget`` forget items::
 
         {"sampler": {"seed", "num_samples", "batch_size", "generator_seeds": [s * 100003 + i, i < chunks]},
-         "metrics": {name: [seeds]},          # forget_probe: s * 1009 + k; feature_fd/_kid: s, s + 1; retain_fit: s
+         "metrics": {name: [seeds]},          # as each metric declares them (its ``generator_seeds``)
+         "undeclared": [names],               # metrics that declare none: their seeds are unknown
          "generator_seeds": sorted union}
 
-    Empty when validation is off (``every`` 0). Metrics outside siss_fast contribute nothing (their seeds are
-    unknown here)."""
+    The sampler's seeds are the engine's; each metric's come from its own declaration in the registry
+    (:func:`siss_fast.metrics.registry.metric_seeds`: e.g. ``forget_probe`` ``s * 1009 + k``, ``feature_fd``
+    ``s, s + 1``, ``retain_fit`` ``s``, ``forget_nn`` none) with its ``metric_options``. Empty when validation is off
+    (``every`` 0)."""
+    from ..metrics.registry import metric_seeds
+
     v = config.get("validation") or {}
     if not v.get("every"):
-        return {"sampler": None, "metrics": {}, "generator_seeds": []}
+        return {"sampler": None, "metrics": {}, "undeclared": [], "generator_seeds": []}
     seed, n, batch = int(v.get("seed", 0)), int(v.get("num_samples") or 0), int(v.get("batch_size") or 1)
     chunks = -(-n // batch)
     sampler = {"seed": seed, "num_samples": n, "batch_size": batch,
                "generator_seeds": [seed * SAMPLER_SEED_STRIDE + i for i in range(chunks)]}
     options = v.get("metric_options") or {}
     metrics: Dict[str, Any] = {}
+    undeclared = []
     for name in v.get("metrics") or []:
-        s = (options.get(name) or {}).get("seed", 0)
-        if name == "forget_probe":
-            metrics[name] = [s * PROBE_SEED_STRIDE + k for k in range(n_forget)]
-        elif name in ("feature_fd", "feature_kid"):
-            metrics[name] = [s, s + 1]
-        elif name == "retain_fit":
-            metrics[name] = [s]
+        seeds = metric_seeds(name, options.get(name) or {}, n_forget)
+        if seeds is None:
+            undeclared.append(name)
+        elif seeds:
+            metrics[name] = seeds
     union = set(sampler["generator_seeds"]).union(*[set(x) for x in metrics.values()])
-    return {"sampler": sampler, "metrics": metrics, "generator_seeds": sorted(union)}
+    return {"sampler": sampler, "metrics": metrics, "undeclared": undeclared, "generator_seeds": sorted(union)}

@@ -78,7 +78,8 @@ class UnlearnStep:
 
     def __init__(self, cfg: EngineConfig, model: Any, run_data: Any, device: torch.device, *,
                  dist: Optional[run_setup.Dist] = None, unet: Optional[torch.nn.Module] = None):
-        apply_kind_defaults(cfg, model.kind)  # train.batch_size / train.lr left null
+        prompts = len(set(getattr(run_data, "forget_prompts", None) or [""]))  # SD: a check samples each prompt
+        apply_kind_defaults(cfg, model.kind, prompts)  # train.batch_size / train.lr / validation.every left null
         self.cfg, self.model, self.run_data, self.device = cfg, model, run_data, device
         self.dist = dist or run_setup.Dist()
         self.unet = unet if unet is not None else model.unet

@@ -5,11 +5,21 @@ The denoising loss on retained data stays flat while sample quality collapses, s
 fixed seeds (the same noise every time, so changes come from the weights) and scores them with the metrics of
 :mod:`siss_fast.metrics.registry` (re-exported here: ``register_metric``, ``MetricContext``, ...; built-ins in
 :mod:`siss_fast.metrics.distances`). The stop rules are :mod:`.stop_rules`.
+
+Stable Diffusion, several deletion requests in one run (:func:`prompt_groups`, :func:`sample_groups`,
+:func:`score_groups`): each forget item is measured on generations for **its own prompt**. Validation generates
+``num_samples`` images for every distinct forget prompt (the same seeds for each prompt, so the manifest's
+``validation_seeds`` hold), and a metric with ``per_item`` reads item ``k`` on the generations of item ``k``'s
+prompt: ``"name[k]"`` in the scores, each against its own target (:meth:`.stop_rules.StopRules.target_met`). Metrics
+without ``per_item`` (the quality guard) and the overall reading see all generations together. ``validation.prompt``
+set: one prompt for every item, as before. A check then costs ``P x num_samples x sampler_steps`` UNet forwards (x2
+with classifier-free guidance) for ``P`` distinct forget prompts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +29,8 @@ from siss_fast.metrics.registry import (MetricContext, build_metrics, check_metr
                                         register_metric)
 
 __all__ = ["MetricContext", "register_metric", "forget_thresholds", "get_metric", "list_metrics", "check_metric_name",
-           "build_metrics", "rms_distances", "sample_images", "save_grid"]
+           "build_metrics", "rms_distances", "sample_images", "save_grid", "PromptGroups", "prompt_groups",
+           "sample_groups", "score_groups"]
 _rms_distances = rms_distances  # the name benchmarks and tests of this release use
 
 
@@ -54,6 +65,74 @@ def sample_images(model: Any, unet: Any, *, num_samples: int, steps: int, seed: 
                     prediction_type=sched.get("prediction_type", "epsilon"), decode=decode,
                     autocast_dtype=autocast_dtype)
     return ((x + 1) / 2).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------- per-item prompts (SD)
+
+
+@dataclass
+class PromptGroups:
+    """What validation generates for: ``prompts`` (``[None]``: unconditional, a pixel DDPM), the index into them of
+    each forget item's prompt (``item_group``), and their embeddings (``conds`` ``(1, L, D)`` each, ``uncond`` the
+    empty prompt's; ``None`` for pixel models)."""
+
+    prompts: List[Optional[str]]
+    item_group: List[int]
+    conds: List[Optional[Tensor]] = field(default_factory=lambda: [None])
+    uncond: Optional[Tensor] = None
+
+
+def prompt_groups(model: Any, forget_prompts: Optional[Sequence[str]], n_forget: int, prompt: Optional[str],
+                  device: torch.device, dtype: torch.dtype) -> PromptGroups:
+    """The validation prompts of a run: a pixel DDPM generates unconditionally; Stable Diffusion generates for
+    ``prompt`` (``validation.prompt``) when it is set, else for every distinct prompt of ``forget_prompts`` (one
+    per forget item, the captions' order of first appearance), each item scored on its own prompt's generations."""
+    if model.kind != "sd":
+        return PromptGroups([None], [0] * n_forget)
+    from . import data as engine_data
+
+    if prompt:  # (an empty validation.prompt counts as unset, as before)
+        prompts, groups = [prompt], [0] * n_forget
+    else:
+        prompts = list(dict.fromkeys(forget_prompts or []))
+        groups = [prompts.index(p) for p in forget_prompts or []]
+    emb, idx = engine_data.encode_prompts(model.tokenizer, model.text_encoder, [*prompts, ""], device, dtype)
+    conds = [emb[i:i + 1] for i in idx[:-1]]
+    return PromptGroups(prompts, groups, conds, emb[idx[-1]:idx[-1] + 1])
+
+
+def sample_groups(model: Any, unet: Any, groups: PromptGroups, **kwargs: Any) -> List[Tensor]:
+    """:func:`sample_images` for each prompt of ``groups`` (same ``kwargs``, same seed): ``[(N, C, H, W)]``."""
+    return [sample_images(model, unet, encoder_hidden_states=c, uncond_hidden_states=groups.uncond, **kwargs)
+            for c in groups.conds]
+
+
+def score_groups(metrics: Dict[str, Callable], samples: Sequence[Tensor], item_group: Sequence[int],
+                 unet: Any = None) -> Dict[str, float]:
+    """Every metric's reading on the generations ``samples`` (one tensor per prompt of :class:`PromptGroups`).
+
+    Score functions marked ``uses_unet`` (the targeted probe) also get the UNet (and all generations together); those
+    with ``per_item`` add one reading per forget item, ``"name[k]"`` -- item ``k`` read on the generations of its own
+    prompt ``samples[item_group[k]]`` -- and their overall value is ``aggregate(items)`` when they define it, else the
+    metric on all generations."""
+    every = samples[0] if len(samples) == 1 else torch.cat(list(samples))
+    scores: Dict[str, float] = {}
+    for name, fn in metrics.items():
+        kwargs = {"unet": unet} if getattr(fn, "uses_unet", False) else {}
+        if not hasattr(fn, "per_item"):
+            scores[name] = float(fn(every, **kwargs))
+            continue
+        if len(samples) == 1 or kwargs:
+            items = [float(v) for v in fn.per_item(every, **kwargs)]
+        else:
+            per_prompt = [fn.per_item(s) for s in samples]
+            if any(len(r) != len(item_group) for r in per_prompt):
+                raise ValueError(f"validation metric {name!r}: per_item returned {len(per_prompt[0])} readings for "
+                                 f"{len(item_group)} forget items")
+            items = [float(per_prompt[g][k]) for k, g in enumerate(item_group)]
+        scores[name] = float(fn.aggregate(items) if hasattr(fn, "aggregate") else fn(every, **kwargs))
+        scores.update({f"{name}[{k}]": v for k, v in enumerate(items)})
+    return scores
 
 
 def save_grid(images: Tensor, path: Any) -> None:

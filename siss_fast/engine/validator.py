@@ -21,7 +21,6 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..hashing import sha256_file
-from . import data as engine_data
 from . import lora
 from . import setup as run_setup
 from . import validation
@@ -49,23 +48,21 @@ class Validator:
         self.rules = StopRules(v.forget_metric, v.forget_target, v.quality_metric, v.quality_tolerance,
                                v.stop_on_target, v.stop_on_guard, v.min_steps, v.forget_target_ratio,
                                v.target_patience)
-        self.cond = self.uncond = None
-        if model.kind == "sd":
-            prompt = v.prompt or run.forget_prompts[0]
-            frozen = run_setup.autocast_dtype(cfg.train.mixed_precision) or torch.float32
-            emb, _ = engine_data.encode_prompts(model.tokenizer, model.text_encoder, [prompt, ""], device, frozen)
-            self.cond, self.uncond = emb[:1], emb[1:]
+        # SD: every distinct forget prompt (or validation.prompt), each item scored on its own prompt's samples
+        frozen = run_setup.autocast_dtype(cfg.train.mixed_precision) or torch.float32
+        self.groups = validation.prompt_groups(model, run.forget_prompts, run.n_forget, v.prompt, device, frozen)
         self.scores_by_step: Dict[int, Dict[str, float]] = {}
         self.last_good_step: Optional[int] = None
         self.kept: Dict[str, Dict[str, Any]] = {}  # name -> {"step", "sha256"} of the kept-state files
 
     def __call__(self, unet: torch.nn.Module, step: int) -> Dict[str, Any]:
         v = self.cfg.validation
-        samples = validation.sample_images(
-            self.model, unet, num_samples=v.num_samples, steps=v.sampler_steps, seed=v.seed, batch_size=v.batch_size,
-            device=self.device, autocast_dtype=run_setup.autocast_dtype(self.cfg.train.mixed_precision),
-            encoder_hidden_states=self.cond, uncond_hidden_states=self.uncond, guidance_scale=v.guidance_scale)
-        scores = self.score(samples, unet)
+        per_prompt = validation.sample_groups(
+            self.model, unet, self.groups, num_samples=v.num_samples, steps=v.sampler_steps, seed=v.seed,
+            batch_size=v.batch_size, device=self.device,
+            autocast_dtype=run_setup.autocast_dtype(self.cfg.train.mixed_precision), guidance_scale=v.guidance_scale)
+        samples = torch.cat(per_prompt)
+        scores = validation.score_groups(self.metrics, per_prompt, self.groups.item_group, unet)
         self.scores_by_step[step] = scores
         if v.grids:
             (self.out / "samples").mkdir(exist_ok=True)
@@ -81,19 +78,9 @@ class Validator:
         return {"scores": scores, **verdict}
 
     def score(self, samples: torch.Tensor, unet: torch.nn.Module) -> Dict[str, float]:
-        """Every metric's reading. Score functions marked ``uses_unet`` (the targeted probe) also get the UNet; those
-        with ``per_item`` add one reading per forget item, ``"name[k]"`` (each item must meet the target), and their
-        overall value is ``aggregate(items)`` when they define it."""
-        scores: Dict[str, float] = {}
-        for name, fn in self.metrics.items():
-            kwargs = {"unet": unet} if getattr(fn, "uses_unet", False) else {}
-            if hasattr(fn, "per_item"):
-                items = [float(v) for v in fn.per_item(samples, **kwargs)]
-                scores[name] = float(fn.aggregate(items) if hasattr(fn, "aggregate") else fn(samples, **kwargs))
-                scores.update({f"{name}[{k}]": v for k, v in enumerate(items)})
-            else:
-                scores[name] = float(fn(samples, **kwargs))
-        return scores
+        """Every metric's reading on one set of samples (:func:`.validation.score_groups`: ``"name[k]"`` per forget
+        item for metrics with ``per_item``; each item must meet the target)."""
+        return validation.score_groups(self.metrics, [samples], self.groups.item_group, unet)
 
     def _save_state(self, unet: torch.nn.Module, step: int, name: str) -> None:
         from safetensors.torch import save_file

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .registry import MetricContext, MetricFn, register_metric
+from .registry import MetricContext, MetricFn, no_seeds, register_metric
 
 __all__ = ["rms_distances", "pearson", "forget_thresholds"]
 
@@ -47,7 +47,7 @@ def forget_thresholds(forget: Tensor, retain: Tensor, threshold: Any = "auto") -
     return torch.full((forget.shape[0],), float(threshold), dtype=torch.float64)
 
 
-@register_metric("forget_distance")
+@register_metric("forget_distance", generator_seeds=no_seeds)
 def _forget_distance(ctx: MetricContext) -> MetricFn:
     forget = ctx.forget_images
     radius = forget_thresholds(forget, ctx.retain_images, ctx.options.get("threshold", "auto"))
@@ -58,7 +58,7 @@ def _forget_distance(ctx: MetricContext) -> MetricFn:
     return score
 
 
-@register_metric("retain_distance")
+@register_metric("retain_distance", generator_seeds=no_seeds)
 def _retain_distance(ctx: MetricContext) -> MetricFn:
     retain = ctx.retain_images
 

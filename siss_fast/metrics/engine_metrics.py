@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .registry import MetricContext, register_metric
+from .registry import MetricContext, no_seeds, register_metric
 
 from .forget import FORGET_THRESHOLD, forget_mask, forget_rate
 from .quality import classifier_quality
@@ -45,7 +45,7 @@ def _threshold(ctx: MetricContext) -> float:
     return FORGET_THRESHOLD / 16.0 * math.sqrt(d)
 
 
-@register_metric("forget_rate", higher_is_better=False)
+@register_metric("forget_rate", higher_is_better=False, generator_seeds=no_seeds)
 def _forget_rate_metric(ctx: MetricContext):
     threshold, forget = _threshold(ctx), ctx.forget_images
 
@@ -55,7 +55,7 @@ def _forget_rate_metric(ctx: MetricContext):
     return score
 
 
-@register_metric("classifier_quality", higher_is_better=True)
+@register_metric("classifier_quality", higher_is_better=True, generator_seeds=no_seeds)
 def _classifier_quality_metric(ctx: MetricContext):
     threshold, forget = _threshold(ctx), ctx.forget_images
     clf = load_classifier(ctx.options.get("classifier"))

@@ -73,7 +73,7 @@ from .registry import MetricContext, check_int, merge_options, register_metric
 from .forget_signal import nearest_item
 from .sampling import model_eps
 
-__all__ = ["BaseFeatures", "frechet_distance", "kernel_distance", "DEFAULT_OPTIONS"]
+__all__ = ["BaseFeatures", "frechet_distance", "kernel_distance", "feature_seeds", "DEFAULT_OPTIONS"]
 
 DEFAULT_OPTIONS: Dict[str, Any] = {"t": 100, "blocks": ["mid"], "pool": "meanstd", "seed": 0, "batch_size": 64,
                                    "max_retain": 2048, "exclude_forget": True}
@@ -205,6 +205,13 @@ def kernel_distance(a: Tensor, b: Tensor) -> float:
     return float(within(a) + within(b) - 2 * k(a, b).mean())
 
 
+def feature_seeds(options: Dict[str, Any], n_forget: int) -> List[int]:
+    """The generator seeds of ``feature_fd`` / ``feature_kid`` (their ``generator_seeds`` declaration): ``seed``
+    (the samples' noise, the subset of a large retain set) and ``seed + 1`` (the retain set's noise)."""
+    seed = int((options or {}).get("seed", DEFAULT_OPTIONS["seed"]))
+    return [seed, seed + 1]
+
+
 def _guard(ctx: MetricContext, metric: str, distance) -> Any:
     opts = _option(ctx.options, metric)
     feats = BaseFeatures(ctx, t=opts["t"], blocks=opts["blocks"], pool=opts["pool"], seed=opts["seed"],
@@ -230,13 +237,13 @@ def _guard(ctx: MetricContext, metric: str, distance) -> Any:
     return score
 
 
-@register_metric("feature_fd", higher_is_better=False, tolerance=FD_TOLERANCE)
+@register_metric("feature_fd", higher_is_better=False, tolerance=FD_TOLERANCE, generator_seeds=feature_seeds)
 def _feature_fd(ctx: MetricContext):
     """Fréchet distance of the samples to the retain set in frozen base-UNet features (module doc)."""
     return _guard(ctx, "feature_fd", frechet_distance)
 
 
-@register_metric("feature_kid", higher_is_better=False)
+@register_metric("feature_kid", higher_is_better=False, generator_seeds=feature_seeds)
 def _feature_kid(ctx: MetricContext):
     """100 x the unbiased cubic-kernel MMD^2 of the samples to the retain set in base-UNet features (module doc)."""
     return _guard(ctx, "feature_kid", lambda a, b: 100.0 * kernel_distance(a, b))

@@ -45,11 +45,18 @@ from .forget_signal import item_radii, nearest_item
 from .registry import MetricContext, check_int, merge_options, register_metric
 from .sampling import ddim_sample
 
-__all__ = ["probe_return_rates", "calibrate_levels", "PROBE_DEFAULTS", "AUTO_GRID"]
+__all__ = ["probe_return_rates", "calibrate_levels", "probe_seeds", "PROBE_DEFAULTS", "AUTO_GRID", "PROBE_SEED_STRIDE"]
 
 PROBE_DEFAULTS: Dict[str, Any] = {"t_frac": "auto", "auto_level": 0.5, "probes": 32, "steps": 10, "seed": 0,
                                   "radius": "auto", "radius_scale": 1.0}
 AUTO_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # t_frac candidates of ``t_frac: auto``, scanned from the top
+PROBE_SEED_STRIDE = 1009  # item k of seed s draws its probes' noise from Generator(s * 1009 + k)
+
+
+def probe_seeds(options: Dict[str, Any], n_forget: int) -> List[int]:
+    """The generator seeds of the probe (its ``generator_seeds`` declaration): ``seed * 1009 + k`` per item ``k``."""
+    seed = int((options or {}).get("seed", PROBE_DEFAULTS["seed"]))
+    return [seed * PROBE_SEED_STRIDE + k for k in range(n_forget)]
 
 
 def _options(opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -85,7 +92,8 @@ def probe_return_rates(unet: Any, alphas_cumprod: Tensor, forget: Tensor, retain
         t = int(round(levels[k] * (abar.shape[0] - 1)))
         a = float(abar[t])
         x_k = (2 * forget[k:k + 1] - 1).float()
-        eps = torch.randn((probes, *x_k.shape[1:]), generator=torch.Generator().manual_seed(seed * 1009 + k))
+        gen = torch.Generator().manual_seed(seed * PROBE_SEED_STRIDE + k)
+        eps = torch.randn((probes, *x_k.shape[1:]), generator=gen)
         x_t = a ** 0.5 * x_k + (1 - a) ** 0.5 * eps
         out = ddim_sample(unet, abar, probes, tuple(x_k.shape[1:]), steps=steps, batch_size=batch_size, device=device,
                           clip=clip, t_start=t, x_start=x_t)
@@ -118,7 +126,8 @@ def calibrate_levels(unet: Any, alphas_cumprod: Tensor, forget: Tensor, retain: 
     return out
 
 
-@register_metric("forget_probe", higher_is_better=False, check_options=lambda opts: _options(opts) and None)
+@register_metric("forget_probe", higher_is_better=False, check_options=lambda opts: _options(opts) and None,
+                 generator_seeds=probe_seeds)
 def _forget_probe(ctx: MetricContext):
     """Mean return rate of the targeted probes (module doc); ``per_item`` gives each item's rate."""
     opts = _options(dict(ctx.options))

@@ -24,15 +24,15 @@ Cost per validation: one ``(N, M + K)`` distance matrix (no network).
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Callable, List
 
 import torch
 from torch import Tensor
 
 from .distances import forget_thresholds, rms_distances
-from .registry import MetricContext, register_metric
+from .registry import MetricContext, no_seeds, register_metric
 
-__all__ = ["nearest_item", "item_radii"]
+__all__ = ["nearest_item", "item_radii", "item_counting_score"]
 
 
 def item_radii(forget: Tensor, retain: Tensor, radius: Any = "auto", radius_scale: float = 1.0) -> Tensor:
@@ -57,7 +57,7 @@ def nearest_item(samples: Tensor, forget: Tensor, retain: Tensor, radii: Tensor,
     return torch.where(hit, item, torch.full_like(item, -1))
 
 
-@register_metric("forget_nn", higher_is_better=False)
+@register_metric("forget_nn", higher_is_better=False, generator_seeds=no_seeds)
 def _forget_nn(ctx: MetricContext):
     """Share of samples whose nearest retain-or-forget image is a forget item, within its radius (module doc)."""
     opts = dict(ctx.options)
@@ -75,8 +75,15 @@ def _forget_nn(ctx: MetricContext):
     radii = item_radii(forget, retain, radius, float(scale))
     k = forget.shape[0]
 
-    def assign(samples: Tensor) -> Tensor:
-        return nearest_item(samples, forget, retain, radii)
+    score = item_counting_score(lambda samples: nearest_item(samples, forget, retain, radii), k)
+    score.radii = radii
+    return score
+
+
+def item_counting_score(assign: Callable[[Tensor], Tensor], k: int) -> Callable[[Tensor], float]:
+    """The score function of a forget metric that assigns each sample to a forget item: ``assign(samples)`` ->
+    ``(N,)`` int64 item index in ``[0, k)`` or -1. ``score(samples)`` is the share of samples that are some item;
+    it carries ``per_item(samples) -> [rate_1, ..., rate_k]`` (each item's share of the samples) and ``assign``."""
 
     def per_item(samples: Tensor) -> List[float]:
         counts = torch.bincount(assign(samples) + 1, minlength=k + 1)[1:].double()
@@ -85,5 +92,5 @@ def _forget_nn(ctx: MetricContext):
     def score(samples: Tensor) -> float:
         return float((assign(samples) >= 0).double().mean())
 
-    score.per_item, score.assign, score.radii = per_item, assign, radii
+    score.per_item, score.assign = per_item, assign
     return score

@@ -15,6 +15,13 @@ A config names metrics in ``validation.metrics``: registered names, or ``"packag
 (the function is registered under that string; give ``higher_is_better`` as an attribute of the function if it
 is). ``validation.metric_options[name]`` is passed as ``ctx.options``. The metrics of :mod:`siss_fast.metrics`
 register themselves when that package is imported (:func:`get_metric` imports it on a miss).
+
+A metric declares the ``torch.Generator`` seeds it draws from (``generator_seeds(options, n_forget) -> [int]``:
+its ``metric_options`` as given in the config, and the number of forget items; ``[]`` for a metric that draws no
+random numbers): the run's manifest records them (:func:`siss_fast.engine.run_record.validation_seeds`) and an
+audit (``siss-fast verify``) draws only from seeds outside them. ``register_metric(..., generator_seeds=fn)``, or
+an attribute ``generator_seeds`` of a ``"package.module:function"`` factory; :func:`metric_seeds` reads it (None:
+not declared, the seeds are unknown).
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ import torch
 from torch import Tensor
 
 __all__ = ["MetricContext", "DEFAULT_TOLERANCE", "register_metric", "unregister_metric", "get_metric", "list_metrics",
-           "check_metric_name", "build_metrics", "merge_options", "check_int"]
+           "check_metric_name", "build_metrics", "merge_options", "check_int", "metric_seeds", "no_seeds"]
 
 MetricFn = Callable[[Tensor], float]
 DEFAULT_TOLERANCE = 0.15  # quality guard tolerance of a metric registered without its own
 MetricFactory = Callable[["MetricContext"], MetricFn]
+SeedsFn = Callable[[Dict[str, Any], int], Sequence[int]]  # (metric_options, n_forget) -> generator seeds
 
 
 @dataclass
@@ -54,6 +62,7 @@ class _Entry:
     higher_is_better: bool
     check_options: Optional[Callable[[Dict[str, Any]], None]] = None  # raises ValueError naming the bad option
     tolerance: Optional[float] = None  # the quality guard's default tolerance when this metric is the guard
+    generator_seeds: Optional[SeedsFn] = None  # the Generator seeds it draws from; None: not declared
 
 
 _REGISTRY: Dict[str, _Entry] = {}
@@ -61,15 +70,19 @@ _REGISTRY: Dict[str, _Entry] = {}
 
 def register_metric(name: str, *, higher_is_better: bool = False,
                     check_options: Optional[Callable[[Dict[str, Any]], None]] = None,
-                    tolerance: Optional[float] = None) -> Callable[[MetricFactory], MetricFactory]:
+                    tolerance: Optional[float] = None, generator_seeds: Optional[SeedsFn] = None
+                    ) -> Callable[[MetricFactory], MetricFactory]:
     """Decorator: register ``factory(ctx) -> fn(samples) -> float`` under ``name`` (re-registering replaces).
     ``check_options(options)`` lets the engine's config validation reject bad ``metric_options`` before any model
     loads (raise ``ValueError`` naming the option). ``tolerance``: the relative worsening this metric may show before
     the quality guard trips, when the config leaves ``validation.quality_tolerance`` null (default
-    :data:`DEFAULT_TOLERANCE`) -- a property of the metric's own noise, hence registered with it."""
+    :data:`DEFAULT_TOLERANCE`) -- a property of the metric's own noise, hence registered with it.
+    ``generator_seeds(options, n_forget) -> [int]``: the ``torch.Generator`` seeds the metric draws from (module doc;
+    default: the factory's ``generator_seeds`` attribute, if any)."""
 
     def wrap(factory: MetricFactory) -> MetricFactory:
-        _REGISTRY[name] = _Entry(factory, higher_is_better, check_options, tolerance)
+        seeds = generator_seeds if generator_seeds is not None else getattr(factory, "generator_seeds", None)
+        _REGISTRY[name] = _Entry(factory, higher_is_better, check_options, tolerance, seeds)
         return factory
 
     return wrap
@@ -84,6 +97,23 @@ def merge_options(metric: str, options: Dict[str, Any], defaults: Dict[str, Any]
     if unknown:
         raise ValueError(f"validation.metric_options.{metric}.{unknown[0]}: unknown option; valid: {sorted(known)}")
     return {**defaults, **options}
+
+
+def no_seeds(options: Dict[str, Any], n_forget: int) -> List[int]:
+    """``generator_seeds`` of a metric that draws no random numbers."""
+    return []
+
+
+def metric_seeds(name: str, options: Dict[str, Any], n_forget: int) -> Optional[List[int]]:
+    """The generator seeds metric ``name`` declares for ``options`` and ``n_forget`` forget items (sorted, distinct),
+    or None when it declares none (or cannot be found: a plug-in that is not importable here)."""
+    try:
+        entry = get_metric(name)
+    except ValueError:
+        return None
+    if entry.generator_seeds is None:
+        return None
+    return sorted({int(x) for x in entry.generator_seeds(dict(options or {}), int(n_forget))})
 
 
 def check_int(metric: str, key: str, value: Any, low: int) -> int:

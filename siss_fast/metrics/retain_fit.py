@@ -14,6 +14,9 @@ encoder's posterior mean times ``scaling_factor``) are noised once, when the met
     x_ij = sqrt(abar_tj) z_i + sqrt(1 - abar_tj) eps_ij,     eps_ij ~ N(0, I) from Generator().manual_seed(seed)
     retain_fit(unet) = mean_ij mean_d (eps_theta(x_ij, t_j) - eps_ij)_d^2          (fp64 accumulation)
 
+computed by the one fixed-``(t, eps)`` implementation, :func:`~.likelihood.noised` and :func:`~.likelihood.eps_errors`
+(the inputs through :func:`~.likelihood.model_space`).
+
 Lower is better; the guard compares it with its step-0 value (the base model), so its tolerance is a relative
 increase (:data:`FIT_TOLERANCE`). Latent models get the empty prompt's text embedding (the unconditional fit).
 
@@ -34,8 +37,8 @@ import torch
 from torch import Tensor
 
 from ..text_encoding import encode_prompts
+from .likelihood import eps_errors, model_space, noised
 from .registry import MetricContext, check_int, merge_options, register_metric
-from .sampling import model_eps
 
 __all__ = ["FIT_DEFAULTS", "FIT_TOLERANCE", "RetainFit"]
 
@@ -67,42 +70,27 @@ class RetainFit:
                  batch_size: int, vae: Any = None, cond: Any = None, device: Any = "cpu"):
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randperm(retain.shape[0], generator=gen)[:images]
-        z = retain[pick].float() * 2 - 1
-        if vae is not None:
-            with torch.no_grad():
-                vdtype = next(vae.parameters()).dtype
-                z = torch.cat([vae.encode(z[i:i + batch_size].to(device, vdtype)).latent_dist.mean.float().cpu()
-                               for i in range(0, z.shape[0], batch_size)]) * vae.config.scaling_factor
+        z = model_space(retain[pick], vae, batch_size=batch_size, device=device)
         abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
         ts = [int(round(f * (abar.shape[0] - 1))) for f in t_fracs]
         self.t = torch.tensor(ts, dtype=torch.long).repeat_interleave(z.shape[0])
         z = z.repeat(len(ts), *([1] * (z.dim() - 1)))
         self.eps = torch.randn(z.shape, generator=gen)
-        shape = (-1,) + (1,) * (z.dim() - 1)
-        a = abar[self.t].view(shape)
-        self.x_t = (a.sqrt() * z + (1 - a).sqrt() * self.eps).float()
+        self.x_t = noised(z, self.t, self.eps, abar, precision=torch.float64)
         self.timesteps, self.batch_size, self.cond, self.device = ts, batch_size, cond, device
 
-    @torch.no_grad()
     def __call__(self, unet: Any) -> float:
-        was_training = bool(getattr(unet, "training", False))
-        unet.eval()
-        dtype = next(unet.parameters()).dtype
+        err = eps_errors(unet, self.x_t, self.t, self.eps, cond=self.cond, batch_size=self.batch_size,
+                         device=self.device)
         total = torch.zeros((), dtype=torch.float64)
-        try:
-            for i in range(0, self.x_t.shape[0], self.batch_size):
-                x = self.x_t[i:i + self.batch_size].to(self.device, dtype)
-                t = self.t[i:i + self.batch_size].to(self.device)
-                kwargs = {} if self.cond is None else {"encoder_hidden_states": self.cond.expand(x.shape[0], -1, -1)}
-                err = model_eps(unet, x, t, **kwargs).float().cpu() - self.eps[i:i + self.batch_size]
-                total += err.double().square().flatten(1).mean(1).sum()
-        finally:
-            unet.train(was_training)
+        for i in range(0, err.shape[0], self.batch_size):  # batch sums, in order
+            total += err[i:i + self.batch_size].sum()
         return float(total / self.x_t.shape[0])
 
 
 @register_metric("retain_fit", higher_is_better=False, tolerance=FIT_TOLERANCE,
-                 check_options=lambda opts: _options(opts) and None)
+                 check_options=lambda opts: _options(opts) and None,
+                 generator_seeds=lambda opts, n_forget: [int((opts or {}).get("seed", FIT_DEFAULTS["seed"]))])
 def _retain_fit(ctx: MetricContext):
     """Denoising error of the validated UNet on fixed noisy retain inputs (module doc)."""
     opts = _options(dict(ctx.options))

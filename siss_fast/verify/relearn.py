@@ -5,9 +5,14 @@ Published attacks bring "erased" content back with a short fine-tune on unrelate
 copy (the model given is never changed)::
 
     x0 ~ retain (with replacement), t ~ U{0..T-1}, eps ~ N(0, I)       (one Generator: the relearn seed)
-    loss = mean (eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) - eps)^2
-    AdamW(lr, betas, eps, weight_decay of the run; lr default 1e-4 = the engine's pixel default), batch 64,
-    gradient norm clipped to 1.0 (the engine's max_grad_norm), raw weights (no EMA: an attacker keeps none)
+    loss = mean (eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c) - eps)^2
+    AdamW(lr, betas, eps, weight_decay of the run; lr default: the engine's for the kind, 1e-4 pixel / 1e-5 SD),
+    batch (default the engine's: 64 pixel / 8 SD), gradient norm clipped to 1.0 (the engine's max_grad_norm), raw
+    weights (no EMA: an attacker keeps none)
+
+A latent model (Stable Diffusion) trains as the engine does: ``x0`` a fresh draw from the retain image's VAE
+posterior (:class:`siss_fast.engine.data.LatentCache`: ``(mean + std n) * scaling_factor``, ``n`` from the same
+Generator, drawn after the indices), ``c`` the retain image's own caption's text states (pixel models: no ``c``).
 
 Every ``every`` steps (and at step 0) ``measure(unet)`` is called on the current weights (eval mode); the curve is
 ``[{"step": s, **measure(unet)}]``. Cost: ``steps`` forward+backward passes of ``batch`` images plus the measurements.
@@ -16,7 +21,7 @@ Every ``every`` steps (and at step 0) ``measure(unet)`` is called on the current
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -29,8 +34,11 @@ __all__ = ["relearn_curve", "returned_at"]
 def relearn_curve(unet: Any, alphas_cumprod: Tensor, retain_pixels: Tensor, measure: Callable[[Any], Dict[str, Any]],
                   *, steps: int, every: int, lr: float, batch_size: int, seed: int, betas=(0.9, 0.999),
                   adam_eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                  device: torch.device = torch.device("cpu")) -> List[Dict[str, Any]]:
-    """The curve of the module doc; ``retain_pixels`` ``(M, C, H, W)`` in ``[0, 1]``."""
+                  device: torch.device = torch.device("cpu"), latents: Any = None,
+                  cond: Optional[Tensor] = None) -> List[Dict[str, Any]]:
+    """The curve of the module doc; ``retain_pixels`` ``(M, C, H, W)`` in ``[0, 1]``. Latent models: ``latents`` the
+    retain images' :class:`~siss_fast.engine.data.LatentCache` (on the CPU), ``cond`` ``(M, L, D)`` their prompts'
+    text states."""
     if steps < 0 or every < 1:
         raise ValueError(f"relearn: expected steps >= 0 and every >= 1, got steps={steps}, every={every}")
     model = copy.deepcopy(unet).to(device)
@@ -43,12 +51,14 @@ def relearn_curve(unet: Any, alphas_cumprod: Tensor, retain_pixels: Tensor, meas
     curve = [{"step": 0, **_measure(model, measure)}]
     for step in range(1, steps + 1):
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
+        x0 = x_all[idx] if latents is None else latents.draw(idx, gen).float()
         t = torch.randint(0, abar.shape[0], (batch_size,), generator=gen)
-        eps = torch.randn((batch_size, *x_all.shape[1:]), generator=gen)
-        shape = (-1,) + (1,) * (x_all.dim() - 1)
-        x_t = (abar[t].sqrt().view(shape) * x_all[idx] + (1 - abar[t]).sqrt().view(shape) * eps).float()
+        eps = torch.randn((batch_size, *x0.shape[1:]), generator=gen)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        x_t = (abar[t].sqrt().view(shape) * x0 + (1 - abar[t]).sqrt().view(shape) * eps).float()
         model.train()
-        pred = model_eps(model, x_t.to(device), t.to(device)).float()
+        kwargs = {} if cond is None else {"encoder_hidden_states": cond[idx].to(device)}
+        pred = model_eps(model, x_t.to(device), t.to(device), **kwargs).float()
         loss = (pred - eps.to(device)).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -40,11 +40,15 @@ def markdown(data: Dict[str, Any], pictures: List[str], plot_note: str) -> str:
     """``verify.md`` from the ``verify.json`` data."""
     st, q, mem = data["settings"], data["quality"], data["membership"]
     fd = q["feature_fd"]
-    fd_ratio = fd["final"] / fd["base"] if fd["base"] else float("nan")
+    sd = data.get("kind") == "sd"
+    per_prompt = " per forget prompt" if sd else ""
+    guided = f", guidance {st['guidance_scale']:g}" if sd else ""
+    own_prompt = " (among the samples of item k's own prompt)" if sd else ""
     seeds = data["seeds"]
     lines = [f"# siss-fast verify: {data['run_dir']}", "",
              f"**{'PASSED' if data['checks']['passed'] else 'FAILED'}**"
-             + "".join(f"\n- {f}" for f in data["checks"]["failures"]), "",
+             + "".join(f"\n- {f}" for f in data["checks"]["failures"])
+             + "".join(f"\n- note: {n}" for n in data["checks"].get("notes") or []), "",
              "## Integrity", "",
              f"- final model sha256 `{data['final_model_sha256']}`: all {data['final_files_checked']} files of "
              "`final/` match the manifest (checked before and after the audit)",
@@ -52,15 +56,29 @@ def markdown(data: Dict[str, Any], pictures: List[str], plot_note: str) -> str:
              f"- fresh seed {seeds['verify_seed']}: generator seeds {seeds['verify_generator_seeds']['samples'][:3]}"
              f"... disjoint from the {len(seeds['run_validation_seeds']['generator_seeds'])} seeds the run's "
              f"validation used{' (derived from its config)' if seeds['run_validation_seeds'].get('derived') else ''}",
-             "", f"## Forget rate on {st['samples']} fresh samples ({st['sampler_steps']} DDIM steps)", "",
-             "Nearest-neighbour rule (`forget_signal.nearest_item`); Clopper-Pearson 95 % intervals.", "",
-             "| item | file | base model | final model |", "|---|---|---|---|"]
-    lines += [f"| {it['item']} | {it['file']} | {_rate(it['base'])} | {_rate(it['final'])} |" for it in data["items"]]
+             "", f"## Forget rate on {st['samples']} fresh samples{per_prompt} ({st['sampler_steps']} DDIM steps"
+             f"{guided})", "",
+             f"A sample is forget item k by {data.get('rule') or 'the nearest-neighbour rule'}{own_prompt}; "
+             "Clopper-Pearson 95 % intervals.", "",
+             "| item | file | " + ("prompt | " if sd else "") + "base model | final model |",
+             "|---|---|" + ("---|" if sd else "") + "---|---|"]
+    lines += [f"| {it['item']} | {it['file']} | " + (f"{it['prompt']} | " if sd else "")
+              + f"{_rate(it['base'])} | {_rate(it['final'])} |" for it in data["items"]]
+    fit_note = ", latents, empty prompt" if sd else ""
     lines += ["", "## Quality", "", "| measure | base | final | final / base |", "|---|---|---|---|",
-              f"| retain_fit ({q['retain_fit_images']} retain images, fresh noise) | {q['retain_fit']['base']:.5f} | "
-              f"{q['retain_fit']['final']:.5f} | {q['retain_fit_ratio']:.4f} |",
-              f"| feature_fd ({q['samples']} samples) | {fd['base']:.4f} | {fd['final']:.4f} | {fd_ratio:.4f} |",
-              "", "## Membership signal", "",
+              f"| retain_fit ({q['retain_fit_images']} retain images, fresh noise{fit_note}) | "
+              f"{q['retain_fit']['base']:.5f} | {q['retain_fit']['final']:.5f} | {_ratio(q['retain_fit_ratio'])} |"]
+    if fd is not None:
+        lines.append(f"| feature_fd ({q['samples']} samples) | {fd['base']:.4f} | {fd['final']:.4f} | "
+                     f"{_ratio(fd['final'] / fd['base'] if fd['base'] else None)} |")
+    if q.get("conditional_retain_loss"):
+        c = q["conditional_retain_loss"]
+        lines.append(f"| retain images' denoising loss under their own prompts (membership probe, mean) | "
+                     f"{c['base']:.5f} | {c['final']:.5f} | {_ratio(c['ratio'])} |")
+    if fd is None:
+        lines += ["", "No feature_fd: a Stable Diffusion run's fresh samples are generations for the forget prompts, "
+                  "not draws of the retain distribution."]
+    lines += ["", "## Membership signal", "",
               f"Denoising loss at fixed (t, eps), ten timesteps; percentile among the {mem['reference_images']} "
               f"{mem['reference']} images' losses under the same model (low: treated as training data). "
               f"{mem['note']}.", "",
@@ -88,11 +106,33 @@ def markdown(data: Dict[str, Any], pictures: List[str], plot_note: str) -> str:
                        f"**step {when}**" if key == "final" else f"step {when}")
             lines.append(f"| {k} | {name} | " + " | ".join(_pct(p["rates"][k]) for p in curves[key])
                          + f" | {verdict} |")
+    lines += _perturbation(data.get("perturbation"), st)
     lines += ["", "## Pictures", ""]
     lines += [f"![item {i}]({name})" for i, name in enumerate(pictures)] or [plot_note]
     t = data["timings_s"]
     lines += ["", "## Time", "", ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
     return "\n".join(lines)
+
+
+def _ratio(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _perturbation(p: Any, st: Dict[str, Any]) -> List[str]:
+    """The prompt perturbation table (Stable Diffusion runs), or nothing."""
+    if not p:
+        return []
+    gate = st.get("max_perturbed_rate")
+    lines = ["", f"## Prompt perturbation probe ({p['samples']} samples per prompt, the re-measurement's first seeds)",
+             "", "Each forget prompt with one word dropped, one word replaced by a synonym, and Gaussian noise added "
+             "to its text embedding; the item is counted by the same rule. A perturbed prompt that brings the item "
+             "back under the final model is a leak that the unperturbed prompt hides."
+             + (f" Threshold: --max-perturbed-rate {gate}." if gate is not None else ""), "",
+             "| item | perturbation | prompt | base model | final model |", "|---|---|---|---|---|"]
+    for r in p["rows"]:
+        what = "none (the prompt)" if r["kind"] == "original" else f"{r['kind']}: {r['change']}"
+        lines.append(f"| {r['item']} | {what} | {r['variant']} | {_rate(r['base'])} | {_rate(r['final'])} |")
+    return lines
 
 
 def _nearest(samples: Tensor, item: Tensor, count: int) -> Tensor:

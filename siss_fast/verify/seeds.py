@@ -1,14 +1,18 @@
 """Fresh seeds: the ``torch.Generator`` seeds verify draws from, disjoint from every seed the run's validation used.
 
-The run's seeds come from its manifest (``validation_seeds``) or, for a manifest without that record, from its
+The run's seeds come from its manifest (``validation_seeds``: the engine sampler's chunk seeds and the seeds each
+metric declares, :func:`siss_fast.metrics.registry.metric_seeds`) or, for a manifest without that record, from its
 config by the same rule (:func:`siss_fast.engine.run_record.validation_seeds`). Verify's own seeds, for a base
 seed ``S``, ``N`` samples in chunks of ``B`` (``SAMPLER_SEED_STRIDE`` = 100003)::
 
-    samples           S * 100003 + i,  i < ceil(N / B)   (the one sampler's chunk seeds: ddim_sample(seed=S))
+    samples           S * 100003 + i,  i < ceil(N / B)   (the one sampler's chunk seeds: ddim_sample(seed=S); a
+                                                         Stable Diffusion run: the same for every forget prompt
+                                                         and every perturbed prompt -- paired comparisons)
     membership eps    S * 100003 + 99999
     retain_fit eps    S * 100003 + 99998
     feature_fd        S * 100003 + 99996 and 99997      (samples' features, retain set's features)
     relearn batches   S * 100003 + 99995
+    prompt noise      S * 100003 + 99994                (the perturbation probe's text-embedding noise)
 
 :func:`choose_seed` takes the smallest ``S >= 1`` whose set is disjoint from the run's; a seed given by the user
 that collides is refused (:class:`~.integrity.VerifyError`).
@@ -23,14 +27,14 @@ from .integrity import VerifyError
 
 __all__ = ["run_seeds", "verify_seeds", "choose_seed"]
 
-OFFSETS = {"membership": 99999, "retain_fit": 99998, "feature_fd": 99996, "relearn": 99995}
+OFFSETS = {"membership": 99999, "retain_fit": 99998, "feature_fd": 99996, "relearn": 99995, "perturb": 99994}
 
 
 def run_seeds(manifest: Dict[str, Any]) -> Dict[str, Any]:
     """The run's validation seeds: the manifest's record, else derived from its config (then ``"derived": True``)."""
     record = manifest.get("validation_seeds")
     if record is not None:
-        return {**record, "derived": False}
+        return {"undeclared": [], **record, "derived": False}
     return {**validation_seeds(manifest.get("config") or {}, len(manifest.get("forget_items") or [])),
             "derived": True}
 
