@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,7 @@ class RssSampler:
         self._current = 0.0
         self._cpu = time.process_time()
         self._seen = 0
+        self._size, self._steps = -1, 0  # the metrics file's size when last read, its step records then
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -180,11 +182,15 @@ class RssSampler:
             self._current, self._cpu = self.rss_gb(), now
 
     def _engine_steps(self) -> int:
+        """Step records in the metrics file; re-read only when it has grown (the thread polls every ``period``)."""
         try:
-            text = self.metrics.read_text()
+            size = self.metrics.stat().st_size
+            if size != self._size:
+                self._size = size
+                self._steps = sum(1 for line in self.metrics.read_text().splitlines() if '"step_time_s"' in line)
         except OSError:
-            return 0
-        return sum(1 for line in text.splitlines() if '"step_time_s"' in line)
+            pass
+        return self._steps
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -281,8 +287,6 @@ def run_case(case: str, inputs: Dict[str, str], *, steps: int, threads: int, lim
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     run_dir = runs / case
-    import shutil
-
     shutil.rmtree(run_dir, ignore_errors=True)
     spec = {"case": case, "inputs": inputs, "steps": steps, "threads": threads, "run_dir": str(run_dir),
             "tiny": tiny, "result": str(runs / f"{case}.result.json")}
