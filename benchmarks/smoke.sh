@@ -57,7 +57,7 @@ print(f"    engine JSON ok ({len(timed)} providers timed)")
 PYEOF
 
 echo "--- sd_v1_unlearn.py --tiny: siss-fast unlearn and the research loop per case, each in its own process"
-"$PY" benchmarks/sd_v1_unlearn.py --tiny --steps 2 --threads 1 --cases naive-finetune,lean-exact,lora-r8,research-loop \
+"$PY" benchmarks/sd_v1_unlearn.py --tiny --steps 2 --threads 1 --cases naive-finetune,lean-exact,lora-r8,lora-r8-bf16,research-loop \
   --work "$OUTDIR/sd-v1-tiny" --out "$OUTDIR/sd_v1_unlearn.json" > "$OUTDIR/sd_v1_unlearn.log" 2>&1 || {
   cat "$OUTDIR/sd_v1_unlearn.log"; echo "smoke.sh: sd_v1_unlearn.py failed" >&2; exit 1; }
 "$PY" - "$OUTDIR/sd_v1_unlearn.json" <<'PYEOF'

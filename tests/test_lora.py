@@ -169,3 +169,82 @@ def test_missing_peft_fails_at_config_time(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"train\.lora_rank: .*pip install peft"):
         load_config(_config("ddpm", tmp_path / "p"))
     load_config(_config("ddpm", tmp_path / "q", train={"lora_rank": 0}))  # the full UNet needs no peft
+
+
+def _adapted(kind, seed=0):
+    from siss_fast.engine import models
+    from siss_fast.engine.lora import attach
+
+    cfg = load_config(_config(kind, "/tmp/unused"))
+    unet = models.load_model(str(tiny_model(kind))).unet
+    torch.manual_seed(seed)
+    attach(unet, cfg.train)
+    with torch.no_grad():  # a non-zero adapter, so that its path shows in the output
+        for name, p in unet.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return unet
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "sd"])
+def test_low_precision_storage_computes_the_same_bits_under_autocast(kind):
+    from siss_fast.engine.lora import store_frozen_in
+
+    ref, low = _adapted(kind), _adapted(kind)
+    freed = store_frozen_in(low, torch.bfloat16)
+    stored = {n: p.dtype for n, p in low.named_parameters()}
+    assert freed > 0 and any(d == torch.bfloat16 for d in stored.values())
+    assert all(d == torch.float32 for n, d in stored.items() if ".lora_" in n or "norm" in n or
+               n.startswith(("conv_in.", "conv_out.")))  # adapters, norms and the outer convs stay fp32
+    assert next(low.parameters()).dtype == torch.float32  # diffusers' model dtype: the first parameter's
+    torch.manual_seed(1)
+    x, t = torch.randn(2, ref.config.in_channels, 8, 8), torch.tensor([10, 700])
+    cond = {} if kind == "ddpm" else {"encoder_hidden_states": torch.randn(2, 4, 32)}
+    outs, grads = [], []
+    for unet in (ref, low):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(x, t, **cond).sample
+        out.float().pow(2).mean().backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in unet.named_parameters() if p.requires_grad})
+    assert torch.equal(outs[0], outs[1])
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    with torch.no_grad():  # outside autocast a stored layer computes in bf16 and hands back fp32
+        plain = low(x, t, **cond).sample
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain, outs[0].float(), rtol=0.05, atol=0.05)
+
+
+def test_bf16_lora_run_stores_the_base_low_and_merges_into_the_fp32_file(tmp_path):
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+
+    from siss_fast.engine import models
+    from siss_fast.engine.setup import Dist, prepare_data
+    from siss_fast.engine.step import UnlearnStep
+
+    train = {"steps": 3, "lr": 1e-2, "mixed_precision": "bf16"}
+    validation = {"every": 3, "num_samples": 4, "sampler_steps": 2, "batch_size": 4}  # the defaults' metrics
+    cfg = load_config(_config("ddpm", tmp_path / "unused", train=train))
+    model = models.load_model(str(tiny_model("ddpm")))
+    step = UnlearnStep(cfg, model, prepare_data(cfg, model, torch.device("cpu")), torch.device("cpu"), dist=Dist())
+    assert any(p.dtype == torch.bfloat16 for p in step.unet.parameters())
+    out = tmp_path / "run"
+    result = run(load_config(_config("ddpm", out, train=train, validation=validation)))
+    assert result.stop_reason  # validation (retain_fit and the probe call the UNet outside autocast) ran
+    merged = UNet2DModel.from_pretrained(str(out / "final"), subfolder="unet", local_files_only=True).state_dict()
+    base = UNet2DModel.from_pretrained(str(tiny_model("ddpm")), subfolder="unet", local_files_only=True)
+    expected = PeftModel.from_pretrained(base, str(out / "final_adapter")).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    assert all(merged[k].dtype == torch.float32 for k in merged)
+    for key in merged:  # the fp32 base plus the adapter: nothing was rounded to bf16
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6)
+
+
+def test_merging_a_low_precision_base_needs_its_folder():
+    from siss_fast.engine.lora import merged_state, store_frozen_in
+
+    unet = _adapted("ddpm")
+    store_frozen_in(unet, torch.bfloat16)
+    with pytest.raises(ValueError, match="base_folder"):
+        merged_state(unet)

@@ -43,8 +43,9 @@ def test_every_engine_case_is_a_valid_config(tmp_path, case):
     assert cfg.train.steps == 3 and cfg.train.batch_size == 1 and cfg.validation.every == 0
     assert cfg.gradient.scaling_norm == SB.SCALING_NORM
     assert cfg.train.gradient_checkpointing is (case != "lean-exact-no-ckpt")
-    assert cfg.train.mixed_precision == ("bf16" if case == "lean-exact-bf16" else "no")
-    assert cfg.train.lora_rank == (8 if case == "lora-r8" else 0)
+    assert cfg.train.mixed_precision == ("bf16" if case in ("lean-exact-bf16", "lora-r8-bf16") else "no")
+    assert cfg.train.lora_rank == (8 if case.startswith("lora-r8") else 0)
+    assert SB.CASES[case].get("env", {}) == ({"MALLOC_MMAP_THRESHOLD_": "65536"} if case == "lora-r8-mmap64k" else {})
     assert cfg.method.name == ("naive" if case == "naive-finetune" else "siss")
     assert cfg.gradient.mode == ("lagged" if case == "lean-lagged" else "exact")
 
@@ -57,11 +58,12 @@ def _row(case, status="ok", step=None, peak=None, limit=20.0):
 
 def test_targets_from_rows():
     rows = {"lean-exact": _row("lean-exact", step=10.0, peak=15.0), "naive-finetune": _row("naive-finetune", step=9.0, peak=14.0),
-            "lora-r8": _row("lora-r8", step=5.0, peak=5.5),
+            "lora-r8": _row("lora-r8", step=5.0, peak=5.5), "lora-r8-bf16": _row("lora-r8-bf16", step=4.0, peak=3.5),
             "research-loop": _row("research-loop", status="does not fit in 20 GB")}
     verdicts = {t["statement"]: (t["verdict"], t["value"]) for t in SB.evaluate(rows)}
     assert verdicts["lean exact peak <= 17 GB"] == ("PASS", 15.0)
     assert verdicts["LoRA rank 8 peak <= 5 GB"] == ("FAIL", 5.5)
+    assert verdicts["LoRA rank 8 peak <= 5 GB, bf16 autocast (frozen base stored in bf16)"] == ("PASS", 3.5)
     assert verdicts["a lean exact step <= 1.2x a naive fine-tuning step"][0] == "PASS"
     # 20 GB limit - 15 GB lean peak: the research loop needs more than 5 GB more, which does not decide >= 10 GB
     assert verdicts["the research loop needs >= 10 GB more than lean exact"] == ("inconclusive",

@@ -191,7 +191,7 @@ def _write_outputs(cfg: EngineConfig, out: Path, dist: run_setup.Dist, model: mo
             lora.load_trainable_state(unet, final_state)
             adapter = out / "final_adapter"
             lora.save_adapter(unet, cfg.train, adapter)
-            final_state = lora.merged_state(unet)
+            final_state = lora.merged_state(unet, base_folder=models.unet_folder(model.path))
         models.save_final(model, final_state, final_dir, frozen_from=model.path)  # frozen parts: the base's bytes
         manifest = {
             "method": cfg.method.name,

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 __all__ = ["ModelError", "ModelInfo", "LoadedModel", "peek_model", "load_model", "build_tiny", "save_final",
-           "unet_skeleton", "PICKLE_SUFFIXES"]
+           "unet_folder", "unet_safetensors", "unet_skeleton", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -295,14 +295,29 @@ def _tiny_unet(name: str, channels: int, image_size: int) -> Any:
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
+def unet_folder(path: Path) -> Path:
+    """The UNet's own folder of the model folder ``path`` (``path`` itself for a bare UNet2DModel folder)."""
+    path = Path(path)
+    return path if _layout(path) == "unet" else path / "unet"
+
+
+def unet_safetensors(path: Optional[Path]) -> bool:
+    """Whether ``path`` is a model folder holding its UNet's weights as safetensors (readable tensor by tensor)."""
+    if path is None:
+        return False
+    try:
+        return any(unet_folder(path).glob("*.safetensors"))
+    except ModelError:
+        return False
+
+
 def unet_skeleton(model_cfg: Any) -> torch.nn.Module:
     """The configured UNet built from its config alone on the meta device (shapes, no weights, no memory): for
     config checks that depend on layer sizes (``train.lora_rank``). Raises :class:`ModelError`."""
     with torch.device("meta"):
         if model_cfg.build is not None:
             return _tiny_unet(model_cfg.build, model_cfg.channels, model_cfg.image_size)
-        path = Path(model_cfg.path)
-        unet_dir = path if _layout(path) == "unet" else path / "unet"
+        unet_dir = unet_folder(Path(model_cfg.path))
         config = _read_json(unet_dir / "config.json")
         import diffusers
 

@@ -36,6 +36,7 @@ from siss_fast.methods import get_method
 
 from . import data as engine_data
 from . import lora
+from . import models
 from . import setup as run_setup
 from .config import EngineConfig, apply_kind_defaults
 from .ema import WeightEMA
@@ -83,8 +84,11 @@ class UnlearnStep:
         self.cfg, self.model, self.run_data, self.device = cfg, model, run_data, device
         self.dist = dist or run_setup.Dist()
         self.unet = unet if unet is not None else model.unet
+        self.amp = run_setup.autocast_dtype(cfg.train.mixed_precision)
         if cfg.train.lora_rank:  # adapters only (engine/lora.py): the base weights are frozen
             lora.attach(self.unet, cfg.train)
+            if self.amp is not None and models.unet_safetensors(model.path):  # final/ merges into the file's fp32
+                lora.store_frozen_in(self.unet, self.amp)
         else:
             self.unet.requires_grad_(True)
         self.unet = self.unet.to(device)
@@ -92,7 +96,6 @@ class UnlearnStep:
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet_fn = torch.compile(self.unet) if cfg.train.compile else self.unet
-        self.amp = run_setup.autocast_dtype(cfg.train.mixed_precision)
         self.objective = run_setup.make_objective(cfg, model, run_data)
         self.params: List[torch.Tensor] = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = run_setup.make_optimizer(cfg, self.params, device)
