@@ -15,7 +15,9 @@ DDIM-25 samples (seed 0) and records, side by side on the same model state:
 * the candidate guards: ``feature_fd`` on all samples, on the first 128 (``fd128``), and on 128 samples of its own
   drawn with 10 DDIM steps (``fd128_s10``), and on samples of its own drawn as the engine's default validation draws
   them (``fd_default``: ``VALIDATION_DEFAULTS["ddpm"]`` num_samples x sampler_steps); ``retain_fit`` (the retain
-  set's denoising error at fixed inputs, :mod:`siss_fast.metrics.retain_fit`).
+  set's denoising error at fixed inputs, :mod:`siss_fast.metrics.retain_fit`); ``fit05`` ... ``fit95`` (the same at
+  the single ``t_fracs`` of :data:`FIT_LEVELS`) and ``fit_grid`` (averaged over ``t_fracs`` 0.1, 0.2, ..., 0.9, the
+  diffusion training loss on retain data at fixed inputs).
 
 Writes ``DIR/EXP/lr-LR/trajectory.json``: ``{"experiment", "lr", "checks": [{"step", <metric>: value, ...}],
 "wall_s"}``. Stop rules are then simulated offline on these records (``benchmarks/stop_calibration.py``).
@@ -40,15 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-__all__ = ["register_calibration_metrics", "trajectory", "main", "PROBE_LEVELS"]
+__all__ = ["register_calibration_metrics", "trajectory", "main", "PROBE_LEVELS", "FIT_LEVELS", "FIT_GRID"]
 
 PROBE_LEVELS = (60, 70, 80, 90)  # probe{pct}: forget_probe at t_frac = pct / 100
+FIT_LEVELS = (5, 10, 20, 35, 50, 65, 80, 95)  # fit{pct:02d}: retain_fit at t_fracs [pct / 100]
+FIT_GRID = [k / 10 for k in range(1, 10)]  # fit_grid: retain_fit averaged over t_fracs 0.1, 0.2, ..., 0.9
 METRICS = ["judge_forget", "judge_quality", "judge2_quality", "forget_probe", *[f"probe{p}" for p in PROBE_LEVELS],
-           "forget_nn128", "feature_fd", "fd128", "fd128_s10", "fd_default", "retain_fit"]
+           "forget_nn128", "feature_fd", "fd128", "fd128_s10", "fd_default", "retain_fit",
+           *[f"fit{p:02d}" for p in FIT_LEVELS], "fit_grid"]
 
 
 def register_calibration_metrics(exp: str) -> None:
-    """Register ``judge_forget``, ``judge_quality``, ``fd128``, ``fd128_s10`` and ``forget_nn128`` for ``exp``."""
+    """Register ``judge_forget``, ``judge_quality``, ``judge2_quality``, ``probe60`` ..., ``fd128``, ``fd128_s10``,
+    ``fd_default``, ``forget_nn128``, ``fit05`` ... ``fit95`` and ``fit_grid`` for ``exp``."""
     from siss_fast.metrics.engine_metrics import load_classifier
     from siss_fast.metrics.registry import MetricContext, get_metric, register_metric
     from siss_fast.metrics.sampling import ddim_sample
@@ -112,6 +118,23 @@ def register_calibration_metrics(exp: str) -> None:
 
     for pct in PROBE_LEVELS:
         register_metric(f"probe{pct}", higher_is_better=False)(probe_at(pct / 100))
+
+    def fit_at(t_fracs: Sequence[float]):
+        """``retain_fit`` (the registered metric, :class:`~siss_fast.metrics.retain_fit.RetainFit`) with its other
+        options at their defaults and ``t_fracs`` set: the guard read at other noise levels (issue 12)."""
+        def factory(ctx: MetricContext):
+            return get_metric("retain_fit").factory(MetricContext(
+                ctx.retain_images, ctx.forget_images, {"t_fracs": list(t_fracs)}, ctx.kind, ctx.device, ctx.model,
+                ctx.unet))
+        return factory
+
+    from siss_fast.metrics.retain_fit import FIT_TOLERANCE
+
+    for pct in FIT_LEVELS:
+        register_metric(f"fit{pct:02d}", higher_is_better=False, tolerance=FIT_TOLERANCE,
+                        generator_seeds=lambda opts, n_forget: [0])(fit_at([pct / 100]))
+    register_metric("fit_grid", higher_is_better=False, tolerance=FIT_TOLERANCE,
+                    generator_seeds=lambda opts, n_forget: [0])(fit_at(FIT_GRID))
     register_metric("fd128", higher_is_better=False)(first("feature_fd", 128))
     register_metric("forget_nn128", higher_is_better=False)(first("forget_nn", 128))
 

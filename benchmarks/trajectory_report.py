@@ -1,12 +1,17 @@
 """Guard fidelity on the planted trajectories: each guard's reading against the classifier, per experiment.
 
     python benchmarks/trajectory_report.py DIR [DIR ...] [--dest benchmarks/results/guard-fidelity-fit]
+                                           [--guards KEY ...] [--judge-from JUDGE_DIR]
 
 Reads ``EXP/lr-LR/trajectory.json`` (or a run's ``metrics.jsonl``) from ``benchmarks/planted_trajectory.py``. At every
 check the classifier score is ``judge_quality`` (the digits classifier's score of the judge's samples, seed 0: the
 quality the guard stands in for), averaged with ``judge2_quality`` (the same on an independent draw, seed 1) when it
 was recorded. The guards (:data:`GUARDS`): ``retain_fit`` and ``fd_default`` (``feature_fd`` on samples drawn as the
-engine's default validation draws them), each with its registered default tolerance. For each run and guard:
+engine's default validation draws them), each with its registered default tolerance; ``--guards`` scores other
+recorded keys (e.g. ``fit05`` ... ``fit_grid``: ``retain_fit`` at other noise levels). ``--judge-from`` scores guard
+readings re-recorded with a tiny judge against the judge readings of an earlier trajectory of the same runs, by step
+(:func:`with_judge`; the training is deterministic, so the same step is the same model state -- compare the
+``retain_fit`` both recorded to confirm it). For each run and guard:
 
 * ``spearman``: rank correlation of the negated guard reading with the classifier score over all checks (step 0
   included); ``judge_self_spearman``: ``judge_quality`` against ``judge2_quality`` -- how well the classifier orders
@@ -31,10 +36,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stop_calibration import load_runs  # noqa: E402
 
-__all__ = ["spearman", "fidelity", "main"]
+__all__ = ["spearman", "fidelity", "with_judge", "guard_metric", "main"]
 
 GUARDS = {"retain_fit": "retain_fit", "fd_default": "feature_fd"}  # recorded key -> registered metric (tolerance)
 JUDGE, JUDGE2 = "judge_quality", "judge2_quality"
+_COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+           "tab:cyan", "tab:gray")  # one per plotted guard (at most 10 are drawn)
+
+
+def guard_metric(key: str) -> str:
+    """The registered metric whose tolerance a recorded guard key uses: :data:`GUARDS`, ``retain_fit`` for the
+    ``fit*`` variants of ``planted_trajectory.py`` (``retain_fit`` at other ``t_fracs``), else the key itself."""
+    return GUARDS.get(key, "retain_fit" if key.startswith("fit") else key)
+
+
+def with_judge(checks: List[Dict], judged: List[Dict]) -> List[Dict]:
+    """``checks`` with their judge readings (``judge_quality``, ``judge2_quality``) replaced by those of ``judged``
+    at the same step (another trajectory of the same run, e.g. one recorded with a 500-sample judge), so that guard
+    readings recorded with a tiny judge can be scored against a full one; checks at steps ``judged`` lacks are
+    dropped."""
+    by_step = {c["step"]: c for c in judged}
+    out = []
+    for c in checks:
+        ref = by_step.get(c["step"])
+        if ref is None or JUDGE not in ref:
+            continue
+        row = {k: v for k, v in c.items() if k not in (JUDGE, JUDGE2)}
+        row.update({k: ref[k] for k in (JUDGE, JUDGE2) if k in ref})
+        out.append(row)
+    return out
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -101,14 +131,15 @@ def _plot(results: Dict[str, Dict[str, Dict]], path: Path) -> None:
         ax.plot(first["steps"], first["quality_ratio"], "ko-", ms=3, label="classifier score / step 0")
         ax.axhline(0.97, color="grey", ls=":", lw=1)
         title = []
-        for (guard, r), color in zip(results[name].items(), ("tab:red", "tab:blue", "tab:green")):
+        for (guard, r), color in zip(results[name].items(), _COLORS):
             ax.plot(r["steps"], [1 / g for g in r["guard_ratio"]], "s-", ms=3, color=color,
                     label=f"step 0 / {guard}")
             ax.axhline(1 / (1 + r["tolerance"]), color=color, ls="--", lw=0.8)
             title.append(f"{guard} rho {r['spearman']}")
         self_rho = first.get("judge_self_spearman")
-        ax.set_title(f"{name}: " + ", ".join(title) + (f"\njudge vs itself {self_rho}" if self_rho is not None
-                                                       else ""), fontsize=8)
+        lines = [", ".join(title[i:i + 3]) for i in range(0, len(title), 3)]  # three guards a line
+        ax.set_title(f"{name}: " + "\n".join(lines) + (f"\njudge vs itself {self_rho}" if self_rho is not None
+                                                      else ""), fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names):]:
@@ -124,13 +155,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dirs", type=Path, nargs="+")
     p.add_argument("--dest", type=Path, default=None)
+    p.add_argument("--guards", nargs="+", default=list(GUARDS),
+                   help="recorded keys to score (default: %(default)s; fit* use retain_fit's tolerance)")
+    p.add_argument("--judge-from", type=Path, default=None,
+                   help="take the judge readings from this folder's trajectory of the same EXP@LR, by step")
     a = p.parse_args(argv)
     from siss_fast.metrics.registry import get_metric
 
-    guards = {key: get_metric(metric).tolerance for key, metric in GUARDS.items()}
+    guards = {key: get_metric(guard_metric(key)).tolerance for key in a.guards}
     runs: Dict[str, List[Dict]] = {}
     for folder in a.dirs:
         runs.update(load_runs(folder))
+    if a.judge_from:
+        judged = load_runs(a.judge_from)
+        runs = {name: with_judge(checks, judged[name]) for name, checks in runs.items() if name in judged}
     results: Dict[str, Dict[str, Dict]] = {}
     for name, checks in sorted(runs.items()):
         per = {g: r for g, tol in guards.items() if (r := fidelity(checks, g, tol))}
@@ -144,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.dest:
         a.dest.parent.mkdir(parents=True, exist_ok=True)
         a.dest.with_suffix(".json").write_text(json.dumps({"guards": guards, "judge": [JUDGE, JUDGE2],
+                                                           "judge_from": a.judge_from and str(a.judge_from),
                                                            "runs": results}, indent=1) + "\n")
         _plot(results, a.dest.with_suffix(".png"))
     return 0
