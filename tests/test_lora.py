@@ -95,6 +95,7 @@ def test_final_model_is_base_plus_adapter_merged(tmp_path, kind):
 @pytest.mark.parametrize("kind, extra", [
     ("ddpm", {"method": {"name": "siss"}, "train": {"accumulation_steps": 2, "ema_decay": 0.9}}),
     ("sd", {"gradient": {"mode": "lagged", "lag_every": 2}}),
+    ("sd", {"train": {"mixed_precision": "bf16"}}),  # the frozen base stored in bf16 (store_frozen_in)
 ])
 def test_resume_with_adapters_is_bit_identical(tmp_path, kind, extra):
     def cfg(out, **more):
