@@ -242,10 +242,23 @@ def test_bf16_lora_run_stores_the_base_low_and_merges_into_the_fp32_file(tmp_pat
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6)
 
 
-def test_merging_a_low_precision_base_needs_its_folder():
+def test_merging_a_low_precision_base_reads_the_fp32_file(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from siss_fast.engine.lora import merged_state, store_frozen_in
 
     unet = _adapted("ddpm")
+    reference = merged_state(unet)  # fp32 storage: the in-memory weights
     store_frozen_in(unet, torch.bfloat16)
     with pytest.raises(ValueError, match="base_folder"):
         merged_state(unet)
+    folder = tmp_path / "unet"
+    shutil.copytree(tiny_model("ddpm") / "unet", folder)
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))  # an fp16 variant beside it is not read
+    save_file({k: torch.zeros_like(v).half() for k, v in weights.items()},
+              str(folder / "diffusion_pytorch_model.fp16.safetensors"))
+    merged = merged_state(unet, base_folder=folder)
+    assert merged.keys() == reference.keys()
+    assert all(merged[k].dtype == torch.float32 and torch.equal(merged[k], reference[k]) for k in merged)

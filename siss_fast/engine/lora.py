@@ -210,7 +210,8 @@ def merged_state(unet: torch.nn.Module, base_folder: Optional[Path] = None) -> D
                              "(store_frozen_in); pass base_folder, the base UNet's folder, for their fp32 values")
         from safetensors import safe_open
 
-        files = sorted(Path(base_folder).glob("*.safetensors"))
+        files = sorted(f for f in Path(base_folder).glob("*.safetensors") if "." not in f.stem)  # what diffusers
+        # loads without a variant: not diffusion_pytorch_model.fp16.safetensors, which may lie beside it
         wanted = set(lowered)
         for file in files:
             with safe_open(str(file), framework="pt") as f:
