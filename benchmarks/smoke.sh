@@ -66,7 +66,7 @@ doc = json.load(open(sys.argv[1]))
 bad = [(r["case"], r["status"]) for r in doc["rows"] if r["status"] != "ok"]
 assert not bad, bad
 assert all(r["median_step_s"] > 0 and r["peak_step_gb"] > 0 for r in doc["rows"]), doc["rows"]
-assert len(doc["targets"]) == 4, doc["targets"]
+assert len(doc["targets"]) == 5, doc["targets"]  # sd_v1_unlearn.TARGETS
 print(f"    sd_v1_unlearn JSON ok ({len(doc['rows'])} cases)")
 PYEOF
 
