@@ -201,9 +201,12 @@ def merged_state(unet: torch.nn.Module, base_folder: Optional[Path] = None) -> D
     from peft.tuners.lora import LoraLayer
 
     unet = getattr(unet, "_orig_mod", unet)
-    state = {k.replace(".base_layer.", "."): v.detach().cpu().clone()
+    def _low(v: torch.Tensor) -> bool:
+        return v.is_floating_point() and v.dtype != torch.float32
+
+    state = {k.replace(".base_layer.", "."): v.detach() if _low(v) else v.detach().cpu().clone()  # (low: replaced)
              for k, v in unet.state_dict().items() if not _is_adapter_key(k)}
-    lowered = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
+    lowered = [k for k, v in state.items() if _low(v)]
     if lowered:
         if base_folder is None:
             raise ValueError(f"merged_state: {len(lowered)} base weights are stored in {state[lowered[0]].dtype} "

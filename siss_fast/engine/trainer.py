@@ -81,6 +81,9 @@ class Trainer:
         self.cfg, self.dist, self.device, self.out = cfg, dist, device, out
         self.model = run_setup.prepare_model(cfg, dist, out)
         self.run_data = run_setup.prepare_data(cfg, self.model, device)
+        if self.model.kind == "sd" and cfg.validation.every == 0:  # 0: off (null is the kind's default, resolved
+            models.release_frozen(self.model)  # by the step); latents and embeddings are cached: free the VAE and
+            # text encoder before the step is built (a LoRA run casts the UNet then: its moment of two copies)
         self.step_fn = UnlearnStep(cfg, self.model, self.run_data, device, dist=dist)  # the model kind's defaults
         self.images_per_step = dist.world * cfg.train.accumulation_steps * cfg.train.batch_size
         if dist.main:
@@ -90,8 +93,6 @@ class Trainer:
                 torch.distributed.broadcast(p.data, src=0)
         self.validator = (Validator(cfg, self.model, self.run_data, device, out)
                           if (dist.main and cfg.validation.every) else None)
-        if self.model.kind == "sd" and not cfg.validation.every:  # latents and embeddings are cached: free the rest
-            models.release_frozen(self.model)
         self.start, self.consecutive_skips = 0, 0
         self.stop: Optional[Dict[str, Any]] = None
         self.ckpt_root = out / "checkpoints"
