@@ -159,6 +159,11 @@ def store_frozen_in(unet: torch.nn.Module, dtype: torch.dtype) -> int:
     return freed
 
 
+def _is_low(tensor: torch.Tensor) -> bool:
+    """A floating-point tensor stored below fp32 (:func:`store_frozen_in`)."""
+    return tensor.is_floating_point() and tensor.dtype != torch.float32
+
+
 def _is_adapter_key(key: str) -> bool:
     return any(part.startswith("lora_") for part in key.split("."))
 
@@ -201,22 +206,19 @@ def merged_state(unet: torch.nn.Module, base_folder: Optional[Path] = None) -> D
     from peft.tuners.lora import LoraLayer
 
     unet = getattr(unet, "_orig_mod", unet)
-    def _low(v: torch.Tensor) -> bool:
-        return v.is_floating_point() and v.dtype != torch.float32
-
-    state = {k.replace(".base_layer.", "."): v.detach() if _low(v) else v.detach().cpu().clone()  # (low: replaced)
+    state = {k.replace(".base_layer.", "."): v.detach() if _is_low(v) else v.detach().cpu().clone()  # low: replaced
              for k, v in unet.state_dict().items() if not _is_adapter_key(k)}
-    lowered = [k for k, v in state.items() if _low(v)]
+    lowered = [k for k, v in state.items() if _is_low(v)]
     if lowered:
         if base_folder is None:
             raise ValueError(f"merged_state: {len(lowered)} base weights are stored in {state[lowered[0]].dtype} "
                              "(store_frozen_in); pass base_folder, the base UNet's folder, for their fp32 values")
         from safetensors import safe_open
 
-        files = sorted(f for f in Path(base_folder).glob("*.safetensors") if "." not in f.stem)  # what diffusers
-        # loads without a variant: not diffusion_pytorch_model.fp16.safetensors, which may lie beside it
+        from .models import weight_files
+
         wanted = set(lowered)
-        for file in files:
+        for file in weight_files(base_folder):  # never an fp16 variant lying beside the fp32 file
             with safe_open(str(file), framework="pt") as f:
                 for key in wanted.intersection(f.keys()):
                     state[key] = f.get_tensor(key).to(torch.float32)

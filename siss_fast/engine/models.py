@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 __all__ = ["ModelError", "ModelInfo", "LoadedModel", "peek_model", "load_model", "build_tiny", "save_final",
-           "unet_folder", "unet_safetensors", "unet_skeleton", "PICKLE_SUFFIXES"]
+           "unet_folder", "unet_safetensors", "weight_files", "unet_skeleton", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -301,12 +301,18 @@ def unet_folder(path: Path) -> Path:
     return path if _layout(path) == "unet" else path / "unet"
 
 
+def weight_files(folder: Path) -> List[Path]:
+    """The ``*.safetensors`` files of a component folder that diffusers loads without a variant (one file or the
+    shards), sorted: ``diffusion_pytorch_model.fp16.safetensors`` and other variants lying beside them are left out."""
+    return sorted(f for f in Path(folder).glob("*.safetensors") if "." not in f.stem)
+
+
 def unet_safetensors(path: Optional[Path]) -> bool:
     """Whether ``path`` is a model folder holding its UNet's weights as safetensors (readable tensor by tensor)."""
     if path is None:
         return False
     try:
-        return any(unet_folder(path).glob("*.safetensors"))
+        return bool(weight_files(unet_folder(path)))
     except ModelError:
         return False
 
