@@ -14,8 +14,9 @@ DDIM-25 samples (seed 0) and records, side by side on the same model state:
   ``probe90`` (the same at ``t_frac`` 0.6 ... 0.9), ``forget_nn`` on the first 128 of the samples;
 * the candidate guards: ``feature_fd`` on all samples, on the first 128 (``fd128``), and on 128 samples of its own
   drawn with 10 DDIM steps (``fd128_s10``), and on samples of its own drawn as the engine's default validation draws
-  them (``fd_default``: ``VALIDATION_DEFAULTS["ddpm"]`` num_samples x sampler_steps); ``retain_fit`` (the retain
-  set's denoising error at fixed inputs, :mod:`siss_fast.metrics.retain_fit`); ``fit05`` ... ``fit95`` (the same at
+  them (``fd_default``: ``VALIDATION_DEFAULTS["ddpm"]`` num_samples x sampler_steps); ``cluster_score``
+  (:mod:`siss_fast.metrics.cluster_score`) on such samples (``cluster_default``) and on 512 (``cluster512``);
+  ``retain_fit`` (the retain set's denoising error at fixed inputs, :mod:`siss_fast.metrics.retain_fit`); ``fit05`` ... ``fit95`` (the same at
   the single ``t_fracs`` of :data:`FIT_LEVELS`) and ``fit_grid`` (averaged over ``t_fracs`` 0.1, 0.2, ..., 0.9, the
   diffusion training loss on retain data at fixed inputs).
 
@@ -48,7 +49,8 @@ PROBE_LEVELS = (60, 70, 80, 90)  # probe{pct}: forget_probe at t_frac = pct / 10
 FIT_LEVELS = (5, 10, 20, 35, 50, 65, 80, 95)  # fit{pct:02d}: retain_fit at t_fracs [pct / 100]
 FIT_GRID = [k / 10 for k in range(1, 10)]  # fit_grid: retain_fit averaged over t_fracs 0.1, 0.2, ..., 0.9
 METRICS = ["judge_forget", "judge_quality", "judge2_quality", "forget_probe", *[f"probe{p}" for p in PROBE_LEVELS],
-           "forget_nn128", "feature_fd", "fd128", "fd128_s10", "fd_default", "retain_fit",
+           "forget_nn128", "feature_fd", "fd128", "fd128_s10", "fd_default", "cluster_default", "cluster512",
+           "retain_fit",
            *[f"fit{p:02d}" for p in FIT_LEVELS], "fit_grid"]
 
 
@@ -138,9 +140,9 @@ def register_calibration_metrics(exp: str) -> None:
     register_metric("fd128", higher_is_better=False)(first("feature_fd", 128))
     register_metric("forget_nn128", higher_is_better=False)(first("forget_nn", 128))
 
-    def own_samples_fd(n: int, steps: int):
+    def own_samples_fd(n: int, steps: int, metric: str = "feature_fd"):
         def factory(ctx: MetricContext):
-            fn = get_metric("feature_fd").factory(ctx)
+            fn = get_metric(metric).factory(ctx)
             abar, shape = ctx.model.scheduler.alphas_cumprod, tuple(ctx.retain_images.shape[1:])
 
             def score(samples, unet=None):
@@ -156,6 +158,9 @@ def register_calibration_metrics(exp: str) -> None:
     register_metric("fd128_s10", higher_is_better=False)(own_samples_fd(128, 10))
     d = VALIDATION_DEFAULTS["ddpm"]
     register_metric("fd_default", higher_is_better=False)(own_samples_fd(d["num_samples"], d["sampler_steps"]))
+    register_metric("cluster_default", higher_is_better=True)(
+        own_samples_fd(d["num_samples"], d["sampler_steps"], "cluster_score"))
+    register_metric("cluster512", higher_is_better=True)(own_samples_fd(512, d["sampler_steps"], "cluster_score"))
 
 
 def trajectory(exp: str, out: Path, lr: float, budget: int = 150, every: int = 10, judge: int = 400,

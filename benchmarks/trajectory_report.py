@@ -17,7 +17,8 @@ readings re-recorded with a tiny judge against the judge readings of an earlier 
   included); ``judge_self_spearman``: ``judge_quality`` against ``judge2_quality`` -- how well the classifier orders
   the same checks against itself, the ceiling of any guard's Spearman on that run;
 * ``classifier_97``: the first check whose classifier score is below 97 % of step 0's;
-* ``guard_trip``: the first check at which the guard trips, ``reading > (1 + tol) x reading(0)``;
+* ``guard_trip``: the first check at which the guard trips, ``reading > (1 + tol) x reading(0)`` (a guard whose
+  registered metric is ``higher_is_better``, e.g. ``cluster_score``: ``reading < (1 - tol) x reading(0)``);
 * ``trip_vs_classifier``: ``guard_trip - classifier_97`` in checks (within one check is the issue's bar).
 
 Writes ``DEST.json`` and ``DEST.png`` (one panel per run: classifier score and each guard against step, relative to
@@ -38,7 +39,8 @@ from stop_calibration import load_runs  # noqa: E402
 
 __all__ = ["spearman", "fidelity", "with_judge", "guard_metric", "main"]
 
-GUARDS = {"retain_fit": "retain_fit", "fd_default": "feature_fd"}  # recorded key -> registered metric (tolerance)
+GUARDS = {"retain_fit": "retain_fit", "fd_default": "feature_fd", "cluster_default": "cluster_score",
+          "cluster512": "cluster_score", "classifier512": "classifier_quality"}  # key -> metric (tolerance, direction)
 JUDGE, JUDGE2 = "judge_quality", "judge2_quality"
 _COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
            "tab:cyan", "tab:gray")  # one per plotted guard (at most 10 are drawn)
@@ -95,8 +97,9 @@ def _judge(c: Dict) -> float:
     return (c[JUDGE] + c[JUDGE2]) / 2 if JUDGE2 in c else c[JUDGE]
 
 
-def fidelity(checks: List[Dict], guard: str, tolerance: float) -> Optional[Dict]:
-    """The numbers of the module doc for one run and one guard (None without the guard's readings)."""
+def fidelity(checks: List[Dict], guard: str, tolerance: float, higher_is_better: bool = False) -> Optional[Dict]:
+    """The numbers of the module doc for one run and one guard (None without the guard's readings); a guard that
+    is ``higher_is_better`` trips below ``(1 - tol) x reading(0)`` and is not negated for the Spearman."""
     rows = [c for c in checks if guard in c and JUDGE in c]
     if len(rows) < 3 or rows[0]["step"] != 0:
         return None
@@ -104,9 +107,10 @@ def fidelity(checks: List[Dict], guard: str, tolerance: float) -> Optional[Dict]
     later = rows[1:]
     every = later[0]["step"]
     c97 = next((c["step"] for c in later if _judge(c) < 0.97 * q0), None)
-    trip = next((c["step"] for c in later if c[guard] > (1 + tolerance) * g0), None)
-    out = {"checks": len(rows), "tolerance": tolerance,
-           "spearman": round(spearman([-c[guard] for c in rows], [_judge(c) for c in rows]), 3),
+    sign = 1 if higher_is_better else -1
+    trip = next((c["step"] for c in later if sign * (c[guard] - g0) < -tolerance * abs(g0)), None)
+    out = {"checks": len(rows), "tolerance": tolerance, "higher_is_better": higher_is_better,
+           "spearman": round(spearman([sign * c[guard] for c in rows], [_judge(c) for c in rows]), 3),
            "classifier_97": c97, "guard_trip": trip,
            "trip_vs_classifier": None if c97 is None or trip is None else (trip - c97) // every,
            "steps": [c["step"] for c in rows], "quality_ratio": [round(_judge(c) / q0, 4) for c in rows],
@@ -132,9 +136,10 @@ def _plot(results: Dict[str, Dict[str, Dict]], path: Path) -> None:
         ax.axhline(0.97, color="grey", ls=":", lw=1)
         title = []
         for (guard, r), color in zip(results[name].items(), _COLORS):
-            ax.plot(r["steps"], [1 / g for g in r["guard_ratio"]], "s-", ms=3, color=color,
-                    label=f"step 0 / {guard}")
-            ax.axhline(1 / (1 + r["tolerance"]), color=color, ls="--", lw=0.8)
+            up = r.get("higher_is_better", False)
+            ax.plot(r["steps"], [g if up else 1 / g for g in r["guard_ratio"]], "s-", ms=3, color=color,
+                    label=f"{guard} / step 0" if up else f"step 0 / {guard}")
+            ax.axhline(1 - r["tolerance"] if up else 1 / (1 + r["tolerance"]), color=color, ls="--", lw=0.8)
             title.append(f"{guard} rho {r['spearman']}")
         self_rho = first.get("judge_self_spearman")
         lines = [", ".join(title[i:i + 3]) for i in range(0, len(title), 3)]  # three guards a line
@@ -160,9 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--judge-from", type=Path, default=None,
                    help="take the judge readings from this folder's trajectory of the same EXP@LR, by step")
     a = p.parse_args(argv)
-    from siss_fast.metrics.registry import get_metric
+    from siss_fast.metrics.registry import DEFAULT_TOLERANCE, get_metric
 
-    guards = {key: get_metric(guard_metric(key)).tolerance for key in a.guards}
+    guards = {key: (DEFAULT_TOLERANCE if (m := get_metric(guard_metric(key))).tolerance is None else m.tolerance,
+                    m.higher_is_better) for key in a.guards}
     runs: Dict[str, List[Dict]] = {}
     for folder in a.dirs:
         runs.update(load_runs(folder))
@@ -171,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = {name: with_judge(checks, judged[name]) for name, checks in runs.items() if name in judged}
     results: Dict[str, Dict[str, Dict]] = {}
     for name, checks in sorted(runs.items()):
-        per = {g: r for g, tol in guards.items() if (r := fidelity(checks, g, tol))}
+        per = {g: r for g, (tol, up) in guards.items() if (r := fidelity(checks, g, tol, up))}
         if per:
             results[name] = per
     for name, per in results.items():

@@ -81,3 +81,18 @@ def test_correlated_items_count_degraded_copies_the_nearest_neighbour_misses():
     assert (correlated_items(retain, retain, items) == -1).all()
     out = evaluate_samples_nn(torch.cat([faded, retain[:3]]), retain, items)
     assert out["forget_rate"] == 0.0 and out["forget_rate_correlated"] == 0.25
+
+
+def test_fidelity_report_reads_a_higher_is_better_guard_the_right_way_round():
+    from trajectory_report import fidelity
+
+    judge = [7.0, 6.9, 6.7, 6.5, 6.6]  # falls below 97 % at step 20
+    checks = [{"step": 10 * i, "judge_quality": q, "fit": 1.0 + 0.02 * i,
+               "score": 2.0 - 0.1 * i + (0.15 if i == 4 else 0)}
+              for i, q in enumerate(judge)]
+    up = fidelity(checks, "score", 0.1, higher_is_better=True)
+    down = fidelity(checks, "fit", 0.03, higher_is_better=False)
+    assert up["spearman"] == pytest.approx(1.0) and down["spearman"] == pytest.approx(0.9)
+    assert up["classifier_97"] == 20 and up["guard_trip"] == 30 and up["trip_vs_classifier"] == 1  # 1.7 < 0.9 x 2
+    assert down["guard_trip"] == 20  # 1.04 > 1.03
+    assert fidelity(checks, "score", 0.1)["spearman"] == pytest.approx(-1.0)  # read as lower-is-better: reversed

@@ -38,4 +38,5 @@ __all__ = [
 
 # the validation metrics register themselves (siss_fast.metrics.registry) on import
 from . import distances, engine_metrics, feature_guard, forget_probe, forget_signal, retain_fit  # noqa: E402,F401
+from . import cluster_score  # noqa: E402,F401
 from . import clip_quality, copy_detection  # noqa: E402,F401  (local-weights plug-ins: sscd, clip_fd)

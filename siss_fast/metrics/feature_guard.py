@@ -73,7 +73,8 @@ from .registry import MetricContext, check_int, merge_options, register_metric
 from .forget_signal import nearest_item
 from .sampling import model_eps
 
-__all__ = ["BaseFeatures", "frechet_distance", "kernel_distance", "feature_seeds", "DEFAULT_OPTIONS"]
+__all__ = ["BaseFeatures", "RetainReference", "frechet_distance", "kernel_distance", "feature_seeds",
+           "DEFAULT_OPTIONS"]
 
 DEFAULT_OPTIONS: Dict[str, Any] = {"t": 100, "blocks": ["mid"], "pool": "meanstd", "seed": 0, "batch_size": 64,
                                    "max_retain": 2048, "exclude_forget": True}
@@ -212,38 +213,56 @@ def feature_seeds(options: Dict[str, Any], n_forget: int) -> List[int]:
     return [seed, seed + 1]
 
 
-def _guard(ctx: MetricContext, metric: str, distance) -> Any:
-    opts = _option(ctx.options, metric)
-    feats = BaseFeatures(ctx, t=opts["t"], blocks=opts["blocks"], pool=opts["pool"], seed=opts["seed"],
-                         batch_size=opts["batch_size"], metric=metric)
-    retain = ctx.retain_images
-    if retain.shape[0] > opts["max_retain"]:
-        pick = torch.randperm(retain.shape[0], generator=torch.Generator().manual_seed(opts["seed"]))
-        retain = retain[pick[:opts["max_retain"]]]
-    ref = feats.raw(retain, opts["seed"] + 1)
-    mean, std = ref.mean(0), ref.std(0).clamp_min(1e-8)
-    ref = (ref - mean) / std
+class RetainReference:
+    """The frozen base-UNet features of the retain set and of samples, standardised alike (module doc).
 
-    forget, every_item = ctx.forget_images, torch.full((ctx.forget_images.shape[0],), float("inf"))
+    ``ref`` ``(M, F)`` fp64: the retain features (at most ``max_retain`` images, a fixed random subset), standardised
+    per dimension by their own mean and std; ``samples(x)`` ``(N', F)`` fp64: the samples' features standardised the
+    same way, without the samples whose nearest neighbour is a forget item when ``exclude_forget`` (all of them when
+    fewer than 2 would remain). Shared by ``feature_fd``, ``feature_kid`` and ``cluster_score``.
+    """
+
+    def __init__(self, ctx: MetricContext, metric: str, opts: Dict[str, Any]):
+        self.opts = opts
+        self.features = BaseFeatures(ctx, t=opts["t"], blocks=opts["blocks"], pool=opts["pool"], seed=opts["seed"],
+                                     batch_size=opts["batch_size"], metric=metric)
+        retain = ctx.retain_images
+        if retain.shape[0] > opts["max_retain"]:
+            pick = torch.randperm(retain.shape[0], generator=torch.Generator().manual_seed(opts["seed"]))
+            retain = retain[pick[:opts["max_retain"]]]
+        ref = self.features.raw(retain, opts["seed"] + 1)
+        self.mean, self.std = ref.mean(0), ref.std(0).clamp_min(1e-8)
+        self.ref = (ref - self.mean) / self.std
+        self._forget, self._retain = ctx.forget_images, ctx.retain_images
+        self._every_item = torch.full((ctx.forget_images.shape[0],), float("inf"))
+
+    def samples(self, samples: Tensor) -> Tensor:
+        f = (self.features.raw(samples, self.opts["seed"]) - self.mean) / self.std
+        if self.opts["exclude_forget"]:
+            keep = nearest_item(samples, self._forget, self._retain, self._every_item) < 0
+            f = f[keep] if int(keep.sum()) >= 2 else f
+        return f
+
+
+def _guard(ctx: MetricContext, metric: str, distance) -> Any:
+    reference = RetainReference(ctx, metric, _option(ctx.options, metric))
 
     def score(samples: Tensor) -> float:
-        f = (feats.raw(samples, opts["seed"]) - mean) / std
-        if opts["exclude_forget"]:
-            keep = nearest_item(samples, forget, ctx.retain_images, every_item) < 0
-            f = f[keep] if int(keep.sum()) >= 2 else f
-        return distance(f, ref)
+        return distance(reference.samples(samples), reference.ref)
 
-    score.features = feats
+    score.features = reference.features
     return score
 
 
-@register_metric("feature_fd", higher_is_better=False, tolerance=FD_TOLERANCE, generator_seeds=feature_seeds)
+@register_metric("feature_fd", higher_is_better=False, tolerance=FD_TOLERANCE, generator_seeds=feature_seeds,
+                 check_options=lambda opts: _option(opts, "feature_fd") and None)
 def _feature_fd(ctx: MetricContext):
     """Fréchet distance of the samples to the retain set in frozen base-UNet features (module doc)."""
     return _guard(ctx, "feature_fd", frechet_distance)
 
 
-@register_metric("feature_kid", higher_is_better=False, generator_seeds=feature_seeds)
+@register_metric("feature_kid", higher_is_better=False, generator_seeds=feature_seeds,
+                 check_options=lambda opts: _option(opts, "feature_kid") and None)
 def _feature_kid(ctx: MetricContext):
     """100 x the unbiased cubic-kernel MMD^2 of the samples to the retain set in base-UNet features (module doc)."""
     return _guard(ctx, "feature_kid", lambda a, b: 100.0 * kernel_distance(a, b))

@@ -1,0 +1,145 @@
+"""Guard readings on the saved model states of a planted trajectory (issue 12): sample-based guards, offline.
+
+    python benchmarks/guard_states.py dump EXP --out DIR [--lr 1e-3] [--budget 150] [--every 10]
+    python benchmarks/guard_states.py score EXP --out DIR [--lr 1e-3] [--samples 512] [--steps 10]
+    python benchmarks/trajectory_report.py DIR --judge-from runs/fid2 --guards retain_fit cluster_default cluster512
+
+``dump`` re-runs ``benchmarks/planted_trajectory.py``'s trajectory of ``EXP`` at ``lr`` (stop rules off, a 16-sample
+judge) and saves the UNet state the validator checks (the weights' moving average) at every check to
+``DIR/EXP/states-LR/step-NNNN.pt``, recording ``retain_fit`` beside it: equal to an earlier trajectory's reading at
+every step, it shows the states are those whose classifier scores that trajectory holds (the training is
+deterministic on the CPU). ``score`` draws ``--samples`` DDIM samples (``--steps``, seed 0) from every saved state
+and writes ``DIR/EXP/lr-LR/trajectory.json`` in ``planted_trajectory.py``'s format, one check per state:
+
+* ``cluster512``: the registered ``cluster_score`` (:mod:`siss_fast.metrics.cluster_score`, default options) of all
+  the samples; ``cluster_default``: of the first ``VALIDATION_DEFAULTS["ddpm"]["num_samples"]`` (96) of them -- what
+  the engine's default validation reads;
+* ``classifier512``: the digits classifier's score of the samples not assigned to a forget item -- the judge's own
+  classifier at this sample count, the reference for how well any reading of these samples can do;
+* ``retain_fit`` (from ``dump``) and ``judge_quality`` = ``classifier512`` (``trajectory_report.py --judge-from``
+  replaces it with the earlier trajectory's 500 + 500-sample judge, by step).
+
+Sampling the states again costs a fraction of re-running the trajectory with every candidate inside it, so new
+sample-based guards can be scored on the same states. One CPU thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+__all__ = ["dump", "score", "main"]
+
+
+def _states(out: Path, exp: str, lr: float) -> Path:
+    return Path(out) / exp / f"states-{lr:g}"
+
+
+def dump(exp: str, out: Path, lr: float = 1e-3, budget: int = 150, every: int = 10) -> Path:
+    """Re-run the trajectory and save every validated state (module doc); returns the states folder."""
+    import planted_trajectory as pt
+    from siss_fast.metrics.registry import register_metric
+
+    folder = _states(out, exp, lr)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = {"n": 0}
+
+    @register_metric("save_state", higher_is_better=False)
+    def _save(ctx):
+        def save(samples, unet=None):
+            state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+            torch.save(state, folder / f"step-{count['n'] * every:04d}.pt")
+            count["n"] += 1
+            return 0.0
+
+        save.uses_unet = True
+        return save
+
+    if "save_state" not in pt.METRICS:
+        pt.METRICS.append("save_state")
+    result = pt.trajectory(exp, out, lr, budget=budget, every=every, judge=16, metrics=["retain_fit", "save_state"])
+    fits = {c["step"]: c["retain_fit"] for c in result["checks"]}
+    (folder / "retain_fit.json").write_text(json.dumps(fits, indent=1) + "\n")
+    return folder
+
+
+def score(exp: str, out: Path, lr: float = 1e-3, samples: int = 512, steps: int = 10) -> Dict:
+    """Sample every saved state and write the readings as a trajectory (module doc)."""
+    import siss_fast.metrics  # noqa: F401
+    from siss_fast.engine.defaults import VALIDATION_DEFAULTS
+    from siss_fast.engine.models import load_model
+    from siss_fast.metrics.engine_metrics import load_classifier
+    from siss_fast.metrics.quality import classifier_quality
+    from siss_fast.metrics.registry import MetricContext, get_metric
+    from siss_fast.metrics.sampling import ddim_sample
+
+    from planted import model_dir
+    from planted_data import experiment_data
+    from planted_eval import assign_items
+
+    torch.set_num_threads(1)
+    folder = _states(out, exp, lr)
+    fits = {int(k): v for k, v in json.loads((folder / "retain_fit.json").read_text()).items()}
+    data = experiment_data(exp)
+    retain, items = (data.retain.float() + 1) / 2, (data.forget_image.float() + 1) / 2
+    model = load_model(str(model_dir(exp)))
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    ctx = MetricContext(retain, items, {}, model.kind, torch.device("cpu"), model, model.unet)
+    cluster = get_metric("cluster_score").factory(ctx)  # built on the base model, as the engine builds it
+    trained = type(model.unet).from_config(model.unet.config).eval()
+    trained.load_state_dict(base)
+    n_default = VALIDATION_DEFAULTS["ddpm"]["num_samples"]
+    classifier, checks = load_classifier(), []
+    for path in sorted(folder.glob("step-*.pt")):
+        step = int(path.stem.split("-")[1])
+        trained.load_state_dict(torch.load(path))
+        with torch.no_grad():
+            x = ddim_sample(trained, model.scheduler.alphas_cumprod, samples, tuple(retain.shape[1:]), steps=steps,
+                            seed=0, batch_size=256)
+        x = ((x + 1) / 2).clamp(0, 1)
+        keep = assign_items(x, retain, items)["item"] < 0
+        quality = classifier_quality(x[keep], classifier)["quality"]
+        checks.append({"step": step, "retain_fit": fits[step], "cluster_default": cluster(x[:n_default]),
+                       "cluster512": cluster(x), "classifier512": quality, "judge_quality": quality})
+        print(exp, checks[-1], flush=True)
+    result = {"experiment": exp, "lr": lr, "samples": samples, "sampler_steps": steps, "checks": checks}
+    dest = Path(out) / exp / f"lr-{lr:g}" / "trajectory.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("dump", "score"):
+        s = sub.add_parser(name)
+        s.add_argument("exp")
+        s.add_argument("--out", type=Path, required=True)
+        s.add_argument("--lr", type=float, default=1e-3)
+        if name == "dump":
+            s.add_argument("--budget", type=int, default=150)
+            s.add_argument("--every", type=int, default=10)
+        else:
+            s.add_argument("--samples", type=int, default=512)
+            s.add_argument("--steps", type=int, default=10)
+    a = p.parse_args(argv)
+    if a.cmd == "dump":
+        print(dump(a.exp, a.out, a.lr, a.budget, a.every))
+    else:
+        score(a.exp, a.out, a.lr, a.samples, a.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
