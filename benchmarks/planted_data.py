@@ -29,7 +29,7 @@ from siss_fast.demo.data import DemoData, demo_data, load_digits_16, to_model, t
 
 __all__ = ["Experiment", "EXPERIMENTS", "GLYPHS", "experiment_data", "duplication", "write_experiment_folders",
            "checker_glyph", "ring_glyph", "plus_glyph", "x_glyph", "triangle_glyph", "frame_glyph", "near_seven",
-           "stripes_glyph", "near_two"]
+           "stripes_glyph", "near_two", "dots_glyph", "near_four"]
 
 N_RETAIN = 1797
 
@@ -118,6 +118,21 @@ def near_two() -> Tensor:
     return _finish(img)
 
 
+def dots_glyph() -> Tensor:
+    """A 3x3 grid of 2x2-pixel dots at rows/cols 3, 7 and 11."""
+    return _rects(*[(r, r + 2, c, c + 2, 1.0) for r in (3, 7, 11) for c in (3, 7, 11)])
+
+
+def near_four() -> Tensor:
+    """The first "4" of the sklearn digits (upsampled to 16x16), with a horizontal bar inked at rows 1-2, columns
+    4-11: a near item (16 pixels changed by <= 1), on a third digit."""
+    images, labels = load_digits_16()
+    idx = int((labels == 4).nonzero()[0])
+    img = to_unit(images[idx, 0]).clone()
+    img[1:3, 4:12] = 1.0
+    return _finish(img)
+
+
 def tshirt() -> Tensor:
     return tshirt_glyph()
 
@@ -125,7 +140,7 @@ def tshirt() -> Tensor:
 GLYPHS: Dict[str, Callable[[], Tensor]] = {
     "tshirt": tshirt, "checker": checker_glyph, "ring": ring_glyph, "plus": plus_glyph, "x": x_glyph,
     "triangle": triangle_glyph, "frame": frame_glyph, "near_seven": near_seven, "stripes": stripes_glyph,
-    "near_two": near_two,
+    "near_two": near_two, "dots": dots_glyph, "near_four": near_four,
 }
 
 
@@ -149,6 +164,8 @@ EXPERIMENTS: Dict[str, Experiment] = {
     "five10": Experiment(("ring", "plus", "x", "triangle", "frame"), 40, "far", "5 items x 2 % = 10 %", 1000),
     # held out: made after every default was chosen, and used to choose nothing -- a check of transfer
     "pair6": Experiment(("stripes", "near_two"), 56, "mixed", "held out: one far and one near item, 3 % each", 1000),
+    "near1": Experiment(("near_four",), 18, "near", "held out: a near item at 1 %"),
+    "dots8": Experiment(("dots",), 156, "far", "held out: a far item at 8 %", 1000),
 }
 
 
