@@ -3,6 +3,8 @@
     python benchmarks/guard_states.py dump EXP --out DIR [--lr 1e-3] [--budget 150] [--every 10]
     python benchmarks/guard_states.py score EXP --out DIR [--lr 1e-3] [--samples 512] [--steps 10]
     python benchmarks/trajectory_report.py DIR --judge-from runs/fid2 --guards retain_fit cluster_default cluster512
+    python benchmarks/guard_states.py judge EXP --out DIR --earlier runs/fid2 --dest JUDGED [--seeds 2 3] [--samples 500]
+    python benchmarks/trajectory_report.py DIR --judge-from JUDGED --guards ...
 
 ``dump`` re-runs ``benchmarks/planted_trajectory.py``'s trajectory of ``EXP`` at ``lr`` (stop rules off, a 16-sample
 judge) and saves the UNet state the validator checks (the weights' moving average) at every check to
@@ -18,6 +20,12 @@ and writes ``DIR/EXP/lr-LR/trajectory.json`` in ``planted_trajectory.py``'s form
   classifier at this sample count, the reference for how well any reading of these samples can do;
 * ``retain_fit`` (from ``dump``) and ``judge_quality`` = ``classifier512`` (``trajectory_report.py --judge-from``
   replaces it with the earlier trajectory's 500 + 500-sample judge, by step).
+
+``judge`` makes the judge itself more precise where it disagrees with itself: it draws ``--samples`` DDIM-25
+samples per seed of ``--seeds`` from every saved state and writes ``JUDGED/EXP/lr-LR/trajectory.json`` with, per
+check, ``judge_quality`` = the mean of those draws' classifier scores and ``judge2_quality`` = the mean of the
+earlier trajectory's two (``--earlier``): the report's classifier score is then the mean of the new draws' mean and
+the earlier draws' mean, and its "judge vs itself" compares the new draws with the old.
 
 Sampling the states again costs a fraction of re-running the trajectory with every candidate inside it, so new
 sample-based guards can be scored on the same states. One CPU thread.
@@ -38,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-__all__ = ["dump", "score", "main"]
+__all__ = ["dump", "score", "judge", "main"]
 
 
 def _states(out: Path, exp: str, lr: float) -> Path:
@@ -119,10 +127,51 @@ def score(exp: str, out: Path, lr: float = 1e-3, samples: int = 512, steps: int 
     return result
 
 
+def judge(exp: str, out: Path, earlier: Path, dest: Path, lr: float = 1e-3, seeds: Sequence[int] = (2, 3),
+          samples: int = 500) -> Dict:
+    """More draws of the judge on every saved state (module doc)."""
+    from siss_fast.engine.models import load_model
+    from siss_fast.metrics.engine_metrics import load_classifier
+    from siss_fast.metrics.sampling import ddim_sample
+
+    from planted import model_dir
+    from planted_data import EXPERIMENTS, experiment_data
+    from planted_eval import evaluate_samples_nn
+
+    torch.set_num_threads(1)
+    old = json.loads((Path(earlier) / exp / f"lr-{lr:g}" / "trajectory.json").read_text())["checks"]
+    old = {c["step"]: (c["judge_quality"] + c["judge2_quality"]) / 2 for c in old}
+    data = experiment_data(exp)
+    retain, items = (data.retain.float() + 1) / 2, (data.forget_image.float() + 1) / 2
+    model = load_model(str(model_dir(exp)))
+    trained = type(model.unet).from_config(model.unet.config).eval()
+    classifier, checks = load_classifier(), []
+    for path in sorted(_states(out, exp, lr).glob("step-*.pt")):
+        step = int(path.stem.split("-")[1])
+        trained.load_state_dict(torch.load(path))
+        scores = []
+        for seed in seeds:
+            with torch.no_grad():
+                x = ddim_sample(trained, model.scheduler.alphas_cumprod, samples, tuple(retain.shape[1:]), steps=25,
+                                seed=seed, batch_size=128)
+            judged = evaluate_samples_nn(((x + 1) / 2).clamp(0, 1), retain, items, classifier,
+                                         list(EXPERIMENTS[exp].items))
+            scores.append(judged["quality"]["quality"])
+        checks.append({"step": step, "judge_quality": sum(scores) / len(scores), "judge2_quality": old[step],
+                       "draws": scores})
+        print(exp, checks[-1], flush=True)
+    result = {"experiment": exp, "lr": lr, "seeds": list(seeds), "samples": samples, "earlier": str(earlier),
+              "checks": checks}
+    target = Path(dest) / exp / f"lr-{lr:g}" / "trajectory.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("dump", "score"):
+    for name in ("dump", "score", "judge"):
         s = sub.add_parser(name)
         s.add_argument("exp")
         s.add_argument("--out", type=Path, required=True)
@@ -130,14 +179,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name == "dump":
             s.add_argument("--budget", type=int, default=150)
             s.add_argument("--every", type=int, default=10)
-        else:
+        elif name == "score":
             s.add_argument("--samples", type=int, default=512)
             s.add_argument("--steps", type=int, default=10)
+        else:
+            s.add_argument("--earlier", type=Path, required=True)
+            s.add_argument("--dest", type=Path, required=True)
+            s.add_argument("--seeds", type=int, nargs="+", default=[2, 3])
+            s.add_argument("--samples", type=int, default=500)
     a = p.parse_args(argv)
     if a.cmd == "dump":
         print(dump(a.exp, a.out, a.lr, a.budget, a.every))
-    else:
+    elif a.cmd == "score":
         score(a.exp, a.out, a.lr, a.samples, a.steps)
+    else:
+        judge(a.exp, a.out, a.earlier, a.dest, a.lr, a.seeds, a.samples)
     return 0
 
 

@@ -122,3 +122,17 @@ def test_compare_mode_runs_every_method(tmp_path):
     methods_logged = {json.loads(x)["method"] for x in (run / "metrics.jsonl").read_text().splitlines()}
     assert methods_logged == {name for name, _ in compare_methods()}
     assert "pareto.png" in (run / "report.md").read_text()
+
+
+def test_compare_table_names_and_shows_the_stop_rules_own_readings(tmp_path):
+    from siss_fast.demo.report import render_report
+
+    row = {"name": "siss(0.5)", "steps": 20, "stop_reason": "quality_guard", "final_step": 0, "wall_s": 1.0,
+           "after": {"forget_rate": 0.0, "quality": 7.0}, "check_metrics": ["forget_probe", "retain_fit"],
+           "last_check": {"forget_probe": 0.25, "retain_fit": 0.0538, "forget_rate": 0.9}}
+    report = {"title": "t", "before": {"forget_rate": 0.045}, "after": {}, "compare": [row]}
+    text = render_report(report, tmp_path)
+    assert "last check (forget_probe, retain_fit)" in text and "| 0.2500, 0.0538 |" in text
+    old = dict(row, check_metrics=None, last_check={"forget_rate": 0.5, "classifier_quality": 1.5})
+    text = render_report({**report, "compare": [old]}, tmp_path)  # a report written before the names were kept
+    assert "last check (forget_rate, classifier_quality)" in text and "| 0.5000, 1.5000 |" in text

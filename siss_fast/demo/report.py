@@ -142,12 +142,13 @@ def render_report(report: Dict, run_dir: Path) -> str:
     compare = report.get("compare")
     if compare:
         lines += ["", "## Comparison of methods (same budget and seed)", "",
-                  "| method | steps | stop | kept step | last check (forget, quality) | forget_rate | quality | "
-                  "class_entropy | forget_loss | retain_loss | wall_s |",
+                  f"| method | steps | stop | kept step | last check ({_check_names(compare)}) | forget_rate | "
+                  "quality | class_entropy | forget_loss | retain_loss | wall_s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in compare:
             a, last = row.get("after", {}), row.get("last_check") or {}
-            check = (f"{_fmt(last.get('forget_rate'))}, {_fmt(last.get('classifier_quality'))}" if last else "")
+            names = row.get("check_metrics") or ["forget_rate", "classifier_quality"]  # runs before they were named
+            check = ", ".join(_fmt(last.get(n)) for n in names) if last else ""
             lines.append(f"| {row['name']} | {row.get('steps')} | {row.get('stop_reason')} | {row.get('final_step')} | "
                          f"{check} | {_fmt(a.get('forget_rate'))} | {_fmt(a.get('quality'))} | "
                          f"{_fmt(a.get('class_entropy'))} | {_fmt(a.get('forget_loss'))} | {_fmt(a.get('retain_loss'))} | "
@@ -158,6 +159,13 @@ def render_report(report: Dict, run_dir: Path) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _check_names(rows) -> str:
+    """The stop rules' forget and quality metric names of a comparison (the first row's; older reports: the demo's
+    classifier metrics)."""
+    names = (rows[0].get("check_metrics") if rows else None) or ["forget_rate", "classifier_quality"]
+    return ", ".join(str(n) for n in names)
 
 
 def _step(x: Optional[int]) -> str:
