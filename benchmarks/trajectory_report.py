@@ -142,7 +142,7 @@ def _plot(results: Dict[str, Dict[str, Dict]], path: Path) -> None:
             ax.axhline(1 - r["tolerance"] if up else 1 / (1 + r["tolerance"]), color=color, ls="--", lw=0.8)
             title.append(f"{guard} rho {r['spearman']}")
         self_rho = first.get("judge_self_spearman")
-        lines = [", ".join(title[i:i + 3]) for i in range(0, len(title), 3)]  # three guards a line
+        lines = [", ".join(title[i:i + 2]) for i in range(0, len(title), 2)]  # two guards a line
         ax.set_title(f"{name}: " + "\n".join(lines) + (f"\njudge vs itself {self_rho}" if self_rho is not None
                                                       else ""), fontsize=8)
         ax.set_xlabel("step", fontsize=8)
