@@ -101,11 +101,9 @@ def score(exp: str, out: Path, lr: float = 1e-3, samples: int = 512, steps: int 
     data = experiment_data(exp)
     retain, items = (data.retain.float() + 1) / 2, (data.forget_image.float() + 1) / 2
     model = load_model(str(model_dir(exp)))
-    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
     ctx = MetricContext(retain, items, {}, model.kind, torch.device("cpu"), model, model.unet)
     cluster = get_metric("cluster_score").factory(ctx)  # built on the base model, as the engine builds it
-    trained = type(model.unet).from_config(model.unet.config).eval()
-    trained.load_state_dict(base)
+    trained = type(model.unet).from_config(model.unet.config).eval()  # each saved state is loaded into it
     n_default = VALIDATION_DEFAULTS["ddpm"]["num_samples"]
     classifier, checks = load_classifier(), []
     for path in sorted(folder.glob("step-*.pt")):

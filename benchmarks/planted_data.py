@@ -89,16 +89,21 @@ def frame_glyph() -> Tensor:
     return _rects((1, 15, 1, 15, 1.0), (3, 13, 3, 13, 0.0))
 
 
+def _altered_digit(label: int, rows: Tuple[int, int], cols: Tuple[int, int]) -> Tensor:
+    """The first digit ``label`` of the sklearn digits (upsampled to 16x16) with ``img[r0:r1, c0:c1]`` inked to 1."""
+    images, labels = load_digits_16()
+    idx = int((labels == label).nonzero()[0])
+    img = to_unit(images[idx, 0]).clone()
+    img[rows[0]:rows[1], cols[0]:cols[1]] = 1.0
+    return _finish(img)
+
+
 def near_seven() -> Tensor:
     """The first "7" of the sklearn digits (upsampled to 16x16), with a bar inked at rows 13-14, columns 4-11.
 
     Its L2 distance (in [0, 1]) to the unaltered digit is at most 4 (16 pixels changed by <= 1): a near item.
     """
-    images, labels = load_digits_16()
-    idx = int((labels == 7).nonzero()[0])
-    img = to_unit(images[idx, 0]).clone()
-    img[13:15, 4:12] = 1.0
-    return _finish(img)
+    return _altered_digit(7, (13, 15), (4, 12))
 
 
 def stripes_glyph() -> Tensor:
@@ -111,11 +116,7 @@ def stripes_glyph() -> Tensor:
 def near_two() -> Tensor:
     """The first "2" of the sklearn digits (upsampled to 16x16), with a vertical bar inked at rows 3-10, column
     1-2: a near item (16 pixels changed by <= 1), on another digit and another side than :func:`near_seven`."""
-    images, labels = load_digits_16()
-    idx = int((labels == 2).nonzero()[0])
-    img = to_unit(images[idx, 0]).clone()
-    img[3:11, 1:3] = 1.0
-    return _finish(img)
+    return _altered_digit(2, (3, 11), (1, 3))
 
 
 def dots_glyph() -> Tensor:
@@ -126,11 +127,7 @@ def dots_glyph() -> Tensor:
 def near_four() -> Tensor:
     """The first "4" of the sklearn digits (upsampled to 16x16), with a horizontal bar inked at rows 1-2, columns
     4-11: a near item (16 pixels changed by <= 1), on a third digit."""
-    images, labels = load_digits_16()
-    idx = int((labels == 4).nonzero()[0])
-    img = to_unit(images[idx, 0]).clone()
-    img[1:3, 4:12] = 1.0
-    return _finish(img)
+    return _altered_digit(4, (1, 3), (4, 12))
 
 
 def tshirt() -> Tensor:
