@@ -19,13 +19,21 @@ and writes ``DIR/EXP/lr-LR/trajectory.json`` in ``planted_trajectory.py``'s form
 * ``classifier512``: the digits classifier's score of the samples not assigned to a forget item -- the judge's own
   classifier at this sample count, the reference for how well any reading of these samples can do;
 * ``retain_fit`` (from ``dump``) and ``judge_quality`` = ``classifier512`` (``trajectory_report.py --judge-from``
-  replaces it with the earlier trajectory's 500 + 500-sample judge, by step).
+  replaces it with the judge's readings, by step).
+
+The samples themselves are kept beside the states (``samples-NNNN.pt``, ``(N, 1, H, W)`` fp32 in [0, 1]), so other
+readings of them can be tried offline without sampling again: ``score EXP --out DIR --rescore DEST`` reads them with
+the metrics as they are now and writes ``DEST/EXP/lr-LR/trajectory.json`` (``retain_fit`` from ``dump``).
 
 ``judge`` makes the judge itself more precise where it disagrees with itself: it draws ``--samples`` DDIM-25
 samples per seed of ``--seeds`` from every saved state and writes ``JUDGED/EXP/lr-LR/trajectory.json`` with, per
 check, ``judge_quality`` = the mean of those draws' classifier scores and ``judge2_quality`` = the mean of the
 earlier trajectory's two (``--earlier``): the report's classifier score is then the mean of the new draws' mean and
-the earlier draws' mean, and its "judge vs itself" compares the new draws with the old.
+the earlier draws' mean, and its "judge vs itself" compares the new draws with the old. Without ``--earlier`` the
+judge is the new draws alone: ``judge_quality`` the first seed's, ``judge2_quality`` the last seed's (the report
+averages them and compares them). ``dump`` then ``score`` then ``judge`` on one machine keeps every reading on the
+same states; states re-made on another CPU can part from an earlier trajectory's after some steps (fp rounding of
+another instruction set), so judge them again rather than borrowing that trajectory's judge.
 
 Sampling the states again costs a fraction of re-running the trajectory with every candidate inside it, so new
 sample-based guards can be scored on the same states. One CPU thread.
@@ -81,10 +89,14 @@ def dump(exp: str, out: Path, lr: float = 1e-3, budget: int = 150, every: int = 
     return folder
 
 
-def score(exp: str, out: Path, lr: float = 1e-3, samples: int = 512, steps: int = 10) -> Dict:
-    """Sample every saved state and write the readings as a trajectory (module doc)."""
+def score(exp: str, out: Path, lr: float = 1e-3, samples: int = 512, steps: int = 10,
+          rescore: Optional[Path] = None) -> Dict:
+    """Sample every saved state and write the readings as a trajectory (module doc). ``rescore``: read the samples
+    an earlier ``score`` kept instead of drawing them, and write the trajectory under ``rescore`` instead of
+    ``out`` (a changed reading, the same samples)."""
     import siss_fast.metrics  # noqa: F401
     from siss_fast.engine.defaults import VALIDATION_DEFAULTS
+    from siss_fast.metrics.cluster_score import CLUSTER_DEFAULTS
     from siss_fast.engine.models import load_model
     from siss_fast.metrics.engine_metrics import load_classifier
     from siss_fast.metrics.quality import classifier_quality
@@ -108,24 +120,30 @@ def score(exp: str, out: Path, lr: float = 1e-3, samples: int = 512, steps: int 
     classifier, checks = load_classifier(), []
     for path in sorted(folder.glob("step-*.pt")):
         step = int(path.stem.split("-")[1])
-        trained.load_state_dict(torch.load(path))
-        with torch.no_grad():
-            x = ddim_sample(trained, model.scheduler.alphas_cumprod, samples, tuple(retain.shape[1:]), steps=steps,
-                            seed=0, batch_size=256)
-        x = ((x + 1) / 2).clamp(0, 1)
+        kept = folder / f"samples-{step:04d}.pt"
+        if rescore is not None:
+            x = torch.load(kept)
+        else:
+            trained.load_state_dict(torch.load(path))
+            with torch.no_grad():
+                x = ddim_sample(trained, model.scheduler.alphas_cumprod, samples, tuple(retain.shape[1:]),
+                                steps=steps, seed=0, batch_size=256)
+            x = ((x + 1) / 2).clamp(0, 1)
+            torch.save(x.clone(), kept)  # for readings tried later, offline (--rescore)
         keep = assign_items(x, retain, items)["item"] < 0
         quality = classifier_quality(x[keep], classifier)["quality"]
         checks.append({"step": step, "retain_fit": fits[step], "cluster_default": cluster(x[:n_default]),
                        "cluster512": cluster(x), "classifier512": quality, "judge_quality": quality})
         print(exp, checks[-1], flush=True)
-    result = {"experiment": exp, "lr": lr, "samples": samples, "sampler_steps": steps, "checks": checks}
-    dest = Path(out) / exp / f"lr-{lr:g}" / "trajectory.json"
+    result = {"experiment": exp, "lr": lr, "samples": int(x.shape[0]), "sampler_steps": steps, "checks": checks,
+              "cluster_score_options": dict(CLUSTER_DEFAULTS)}
+    dest = Path(rescore if rescore is not None else out) / exp / f"lr-{lr:g}" / "trajectory.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def judge(exp: str, out: Path, earlier: Path, dest: Path, lr: float = 1e-3, seeds: Sequence[int] = (2, 3),
+def judge(exp: str, out: Path, earlier: Optional[Path], dest: Path, lr: float = 1e-3, seeds: Sequence[int] = (2, 3),
           samples: int = 500) -> Dict:
     """More draws of the judge on every saved state (module doc)."""
     from siss_fast.engine.models import load_model
@@ -137,8 +155,10 @@ def judge(exp: str, out: Path, earlier: Path, dest: Path, lr: float = 1e-3, seed
     from planted_eval import evaluate_samples_nn
 
     torch.set_num_threads(1)
-    old = json.loads((Path(earlier) / exp / f"lr-{lr:g}" / "trajectory.json").read_text())["checks"]
-    old = {c["step"]: (c["judge_quality"] + c["judge2_quality"]) / 2 for c in old}
+    old = {}
+    if earlier is not None:
+        old = json.loads((Path(earlier) / exp / f"lr-{lr:g}" / "trajectory.json").read_text())["checks"]
+        old = {c["step"]: (c["judge_quality"] + c["judge2_quality"]) / 2 for c in old}
     data = experiment_data(exp)
     retain, items = (data.retain.float() + 1) / 2, (data.forget_image.float() + 1) / 2
     model = load_model(str(model_dir(exp)))
@@ -155,10 +175,14 @@ def judge(exp: str, out: Path, earlier: Path, dest: Path, lr: float = 1e-3, seed
             judged = evaluate_samples_nn(((x + 1) / 2).clamp(0, 1), retain, items, classifier,
                                          list(EXPERIMENTS[exp].items))
             scores.append(judged["quality"]["quality"])
-        checks.append({"step": step, "judge_quality": sum(scores) / len(scores), "judge2_quality": old[step],
-                       "draws": scores})
+        if old:
+            checks.append({"step": step, "judge_quality": sum(scores) / len(scores), "judge2_quality": old[step],
+                           "draws": scores})
+        else:  # the first two draws are the judge and its independent repeat (the report averages them)
+            checks.append({"step": step, "judge_quality": scores[0], "judge2_quality": scores[-1], "draws": scores})
         print(exp, checks[-1], flush=True)
-    result = {"experiment": exp, "lr": lr, "seeds": list(seeds), "samples": samples, "earlier": str(earlier),
+    result = {"experiment": exp, "lr": lr, "seeds": list(seeds), "samples": samples,
+              "earlier": None if earlier is None else str(earlier),
               "checks": checks}
     target = Path(dest) / exp / f"lr-{lr:g}" / "trajectory.json"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +204,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif name == "score":
             s.add_argument("--samples", type=int, default=512)
             s.add_argument("--steps", type=int, default=10)
+            s.add_argument("--rescore", type=Path, default=None,
+                           help="read the samples kept by an earlier score; write the trajectory here")
         else:
-            s.add_argument("--earlier", type=Path, required=True)
+            s.add_argument("--earlier", type=Path, default=None)
             s.add_argument("--dest", type=Path, required=True)
             s.add_argument("--seeds", type=int, nargs="+", default=[2, 3])
             s.add_argument("--samples", type=int, default=500)
@@ -189,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.cmd == "dump":
         print(dump(a.exp, a.out, a.lr, a.budget, a.every))
     elif a.cmd == "score":
-        score(a.exp, a.out, a.lr, a.samples, a.steps)
+        score(a.exp, a.out, a.lr, a.samples, a.steps, a.rescore)
     else:
         judge(a.exp, a.out, a.earlier, a.dest, a.lr, a.seeds, a.samples)
     return 0

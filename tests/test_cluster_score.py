@@ -43,9 +43,34 @@ def test_score_is_k_for_confident_balanced_samples_and_one_for_a_single_cluster(
     assert cluster_inception_score(mixed, c, spread, 1.0) < balanced
 
 
+def test_floor_reads_samples_far_from_every_cluster_as_no_class():
+    """Without the floor a sample far from every centroid is assigned *more* confidently (the softmax of large
+    distances is sharp), so junk between clusters raises nothing; with the "none" logit it reads near uniform and
+    lowers the score; samples as near their centroid as the retain set's own keep most of theirs."""
+    from siss_fast.metrics.cluster_score import none_logit
+
+    x, _ = _blobs()
+    c, a = kmeans(x, 4)
+    spread = float((x.double() - c[a]).square().sum(1).mean())
+    none = none_logit(x, c, spread, 1.0, 0.99)
+    d = torch.cdist(x.double(), c).square().min(1).values / spread
+    assert -none == pytest.approx(float(torch.quantile(d, 0.99)))
+    assert none_logit(x, c, spread, 1.0, None) is None
+    plain, floored = cluster_inception_score(x, c, spread, 1.0), cluster_inception_score(x, c, spread, 1.0, none)
+    assert 0.5 * plain < floored < plain  # some of every sample's mass goes to "none", spread evenly
+    far = c[0].float() + 40.0 * torch.tensor([1.0, 1.0, 1.0])  # nearest centroid c[0], far from all of them
+    junk = torch.cat([x, far.repeat(100, 1)])
+    # the softmax calls the junk confidently class 0 (the score falls only by the classes' imbalance, 13 %); the
+    # floor calls it no class and the score falls by 30 %
+    drop_plain = 1 - cluster_inception_score(junk, c, spread, 1.0) / plain
+    drop_floor = 1 - cluster_inception_score(junk, c, spread, 1.0, none) / floored
+    assert drop_plain < 0.15 and drop_floor > drop_plain + 0.1, (drop_plain, drop_floor)
+
+
 @pytest.mark.parametrize("options,bad", [({"k": 1}, "k"), ({"k": 2.5}, "k"), ({"tau": 0}, "tau"),
                                          ({"tau": "sharp"}, "tau"), ({"iters": 0}, "iters"), ({"t": -1}, "t"),
-                                         ({"pool": "max"}, "pool"), ({"clusters": 5}, "clusters")])
+                                         ({"pool": "max"}, "pool"), ({"clusters": 5}, "clusters"),
+                                         ({"floor": 0}, "floor"), ({"floor": 1.5}, "floor"), ({"floor": "x"}, "floor")])
 def test_bad_options_raise_naming_the_option(options, bad):
     with pytest.raises(ValueError, match=rf"cluster_score\.{bad}\b"):
         check_cluster_options(options)

@@ -96,3 +96,25 @@ def test_fidelity_report_reads_a_higher_is_better_guard_the_right_way_round():
     assert up["classifier_97"] == 20 and up["guard_trip"] == 30 and up["trip_vs_classifier"] == 1  # 1.7 < 0.9 x 2
     assert down["guard_trip"] == 20  # 1.04 > 1.03
     assert fidelity(checks, "score", 0.1)["spearman"] == pytest.approx(-1.0)  # read as lower-is-better: reversed
+
+
+def test_composite_guard_table_flags_late_trips_and_default_run_rises():
+    """``guard_composite.table``: w = 0 is the retain fit alone; weighing in a falling cluster score trips earlier
+    (on time here) but a default-lr run whose cluster score dips rises past a tight tolerance: not usable there."""
+    from guard_composite import composite, table
+
+    judge = [7.0, 6.75, 6.6, 6.5, 6.4]  # below 97 % from step 10
+    over = {"x@0.001": [{"step": 10 * i, "judge_quality": q, "retain_fit": 1.0 + 0.02 * i,
+                         "cluster_default": 2.0 * (1 - 0.05 * i)} for i, q in enumerate(judge)]}
+    low = {"x@0.0001": [{"step": 20 * i, "retain_fit": 1.0 + 0.005 * i, "cluster_default": c}
+                        for i, c in enumerate([2.0, 1.9, 1.95])]}
+    assert composite(over["x@0.001"], 1.0)[1]["composite"] == pytest.approx(1.02 / 1.9)
+    rows = {(r["w"], r["tolerance"]): r for r in table(over, low, [0, 1.0], [0.03, 0.06])}
+    alone, mixed = rows[(0, 0.03)], rows[(1.0, 0.06)]
+    assert alone["runs"]["x@0.001"]["trip_vs_classifier"] == 1  # 1.04 > 1.03 at step 20, one check late
+    assert alone["default_lr_rise"]["x@0.0001"] == pytest.approx(0.01) and alone["usable"]
+    assert mixed["runs"]["x@0.001"]["trip_vs_classifier"] == 0  # 1.02 / 0.95 = 1.074 > 1.06 at step 10
+    assert mixed["runs"]["x@0.001"]["spearman"] == pytest.approx(1.0)
+    assert mixed["default_lr_rise"]["x@0.0001"] == pytest.approx(1.005 / 0.95 - 1, abs=1e-4) and mixed["usable"]
+    assert not rows[(1.0, 0.03)]["usable"]  # the default run's 5.8 % rise would trip a 3 % guard
+    assert not any(r["meets_bar"] for r in rows.values() if not r["usable"])
