@@ -38,12 +38,13 @@ values of other settings moved by up to 0.4 at 96 samples. It is reported, not t
 trips 3 and 13 checks late on checker1 and five10, where the classifier's first 3 % falls do not move it.
 
 Re-measured on all eight planted experiments (the three held-out ones included), every state re-made, sampled and
-judged on one machine (``guard-fidelity-rejudged-softmax.json``): the plain softmax read 0.96 / 0.98 / 0.84 / 0.96 /
+judged on one machine (``guard-fidelity-rejudged-softmax.json``): the plain softmax read 0.96 / 0.98 / 0.82 / 0.96 /
 0.89 on 96 samples (demo, checker1, checker3, near3, five10) and 0.99 / 0.98 / 0.78 on the held-out pair6 / near1 /
 dots8. five10 and dots8 are the runs whose classifier score dips and recovers while half-forgotten copies fade; the
 softmax read those copies as confident digits. With ``floor`` 0.99 (found on five10, then checked on dots8):
-0.96 / 0.95 / 0.79 / 0.95 / 0.97 and 0.98 / 0.98 / 0.93 (``guard-fidelity-rejudged.json``), where the retain fit
-reads 0.88 / 0.91 / 0.89 / 0.87 / 0.75 and 0.97 / 0.88 / 0.74; it trips 1-10 checks late, the retain fit 0-1.
+0.96 / 0.95 / 0.78 / 0.95 / 0.97 and 0.98 / 0.98 / 0.93 (``guard-fidelity-rejudged.json``), where the retain fit
+reads 0.88 / 0.91 / 0.82 / 0.87 / 0.75 and 0.97 / 0.88 / 0.74 (checker3: a plateau no reading orders; its judge
+agrees with itself at 0.84); it trips 1-10 checks late, the retain fit 0-1.
 
 Cost per check: one base-UNet forward per sample (the samples the validator draws anyway); k-means once, when
 the metric is built. Options (``validation.metric_options.cluster_score``): ``k`` (20), ``tau`` (1.0), ``iters``
